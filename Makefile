@@ -1,0 +1,42 @@
+# make test   build everything and run the test suite (what CI runs)
+# make demo   train and evaluate ProtoSeg on the bundled DigitScenes data set (CPU, minutes)
+# make bench  microbenchmarks (pytest-benchmark), ratios against baselines in one process
+# Each target creates .venv with pinned torch and the other dependencies when it is missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.protoseg-deps
+
+# The CUDA toolkit root (the folder holding lib64/libcudart.so). nvcc on PATH may be a wrapper
+# script, from whose location torch would guess the wrong root.
+CUDA_HOME ?= $(firstword $(patsubst %/lib64/libcudart.so,%,$(wildcard /usr/local/cuda/lib64/libcudart.so /usr/local/cuda-*/lib64/libcudart.so)))
+# No GPU is visible on build machines: name the architectures, or torch's detection fails.
+TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;9.0+PTX
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+
+.PHONY: build test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn pyyaml tqdm tensorboard packaging \
+		pytest pytest-benchmark expecttest hypothesis ninja cmake
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) tools/train.py configs/digitscenes_protoseg.yaml
+	$(PY) tools/test.py configs/digitscenes_protoseg.yaml runs/digitscenes_protoseg/checkpoint_last.pth
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-columns=mean,stddev,rounds
+
+clean:
+	rm -rf build *.egg-info protoseg/_C*.so

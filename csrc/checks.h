@@ -1,0 +1,81 @@
+// Argument checks shared by the CPU and CUDA entry points. Every message names the argument
+// and says what was expected and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+
+namespace protoseg {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn &&
+                  t.scalar_type() != at::kFloat8_e5m2,
+              name, " must be float16, bfloat16, float32 or float64 (got ", t.scalar_type(), ")");
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (got ", t.device(),
+              " and ", ref.device(), ")");
+}
+
+// x [N, D] floating.
+inline void check_embeddings(const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK(x.dim() == 2, name, " must be [N, D] (got ", shape_str(x), ")");
+  check_floating(x, name);
+}
+
+// prototypes [K, M, D], same dtype and device as x, D == x.size(1).
+inline void check_prototypes(const at::Tensor& prototypes, const at::Tensor& x) {
+  TORCH_CHECK(prototypes.dim() == 3 && prototypes.size(2) == x.size(1),
+              "prototypes must be [K, M, D] with D == x.size(1) (got ", shape_str(prototypes), " and x ",
+              shape_str(x), ")");
+  TORCH_CHECK(prototypes.size(0) > 0 && prototypes.size(1) > 0,
+              "prototypes must have at least one class and one prototype per class (got ", shape_str(prototypes), ")");
+  TORCH_CHECK(prototypes.scalar_type() == x.scalar_type(), "prototypes must have the dtype of x (got ",
+              prototypes.scalar_type(), " and x ", x.scalar_type(), ")");
+  check_same_device(prototypes, x, "prototypes", "x");
+}
+
+// An int64 vector with one entry per pixel.
+inline void check_index_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x,
+                               const char* x_name = "x") {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64 (got ", t.scalar_type(), ")");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be [N] with N == ", x_name, ".size(0) == ", n, " (got ",
+              shape_str(t), ")");
+  check_same_device(t, x, name, x_name);
+}
+
+// A [rows, cols] tensor with the given shape (grad outputs, saved tensors).
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, " must be ", expected, " (got ", shape_str(t), ")");
+}
+
+inline void check_positive(double v, const char* name) {
+  TORCH_CHECK(v > 0.0 && v < std::numeric_limits<double>::infinity(), name, " must be a positive finite number (got ",
+              v, ")");
+}
+
+// Host-side range check of an int64 vector: every entry is in [0, upper), or (when
+// allow_negative) negative, or equal to `ignore`. Raises naming the first offending entry.
+inline void check_range_host(const int64_t* v, int64_t n, int64_t upper, const char* name, const char* upper_name,
+                             bool allow_negative, int64_t ignore, bool has_ignore) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = v[i];
+    if (t >= 0 && t < upper) continue;
+    if (allow_negative && t < 0) continue;
+    if (has_ignore && t == ignore) continue;
+    TORCH_CHECK(false, name, "[", i, "] = ", t, " is out of range: expected a value in [0, ", upper_name, " = ", upper,
+                ")", (allow_negative ? " or negative (ignored)" : ""),
+                (has_ignore ? " or ignore_index = " + std::to_string(ignore) : std::string()));
+  }
+}
+
+}  // namespace protoseg

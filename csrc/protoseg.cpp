@@ -1,0 +1,52 @@
+// Every protoseg operator schema, in one place. Kernels live in cpu/<op>.cpp and
+// cuda/<op>.cu and register themselves; fake kernels, autograd and autocast rules are
+// registered in Python (protoseg.ops), which set_python_module points at.
+//
+// Shapes (N pixels, D channels, K classes, M prototypes per class, S segments):
+//   x [N, D], prototypes [K, M, D] (both L2-normalised inside the ops),
+//   labels [N] int64 in [0, K) or negative (ignored),
+//   target [N] int64 in [0, K*M) or == ignore_index.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(protoseg, m) {
+  m.set_python_module("protoseg.ops");
+
+  // scores[n, k] = max_m <x_n, p_km>, index[n, k] = argmax (ties to the smallest m).
+  m.def("proto_similarity(Tensor x, Tensor prototypes) -> (Tensor scores, Tensor index)");
+  m.def(
+      "proto_similarity_backward(Tensor grad_scores, Tensor x, Tensor prototypes, Tensor index) "
+      "-> Tensor grad_x");
+
+  // Pixel-prototype contrast (PPC, cross-entropy over all K*M prototypes of <x, p> / temperature)
+  // and distance (PPD, (1 - <x, p_target>)^2), both means over valid pixels.
+  m.def(
+      "proto_contrast_loss(Tensor x, Tensor prototypes, Tensor target, float temperature, "
+      "int ignore_index) -> (Tensor ppc, Tensor ppd)");
+  m.def(
+      "proto_contrast_loss_backward(Tensor grad_ppc, Tensor grad_ppd, Tensor x, Tensor prototypes, "
+      "Tensor target, float temperature, int ignore_index) -> Tensor grad_x");
+
+  // The fused training pass: from one pass over the [N, K*M] products (never held whole),
+  //   scores [N, K], index [N, K]       per-class max and argmax, as proto_similarity
+  //   own [N, M]                        <x_n, p_{labels[n], m}> (0 where labels[n] < 0)
+  //   lse [N] fp32/fp64                 logsumexp_j <x_n, p_j> / temperature
+  //   weighted [N, D] fp32/fp64         sum_j softmax_j(<x_n, p_j> / temperature) p_j,
+  //                                     d lse / d x_hat * temperature, kept for the backward.
+  m.def(
+      "proto_train(Tensor x, Tensor prototypes, Tensor labels, float temperature) "
+      "-> (Tensor scores, Tensor index, Tensor own, Tensor lse, Tensor weighted)");
+  m.def(
+      "proto_train_backward(Tensor? grad_scores, Tensor? grad_own, Tensor? grad_lse, Tensor x, "
+      "Tensor prototypes, Tensor labels, Tensor index, Tensor weighted, float temperature) "
+      "-> Tensor grad_x");
+
+  // Sinkhorn-Knopp equipartition of each class's pixels over its M prototypes, all classes at once.
+  m.def(
+      "sinkhorn(Tensor scores, Tensor labels, int num_classes, int iterations, float epsilon) "
+      "-> (Tensor q, Tensor assignment)");
+
+  // Deterministic segment mean: mean[s] = mean of x[n] over index[n] == s.
+  m.def("scatter_mean(Tensor x, Tensor index, int num_segments) -> (Tensor mean, Tensor count)");
+  m.def("scatter_mean_backward(Tensor grad_mean, Tensor index, Tensor count) -> Tensor grad_x");
+}

@@ -1,0 +1,84 @@
+"""Builds protoseg._C: the CPU operator library, plus the CUDA kernels where a toolkit exists.
+
+Environment:
+  PROTOSEG_CUDA=0        never build CUDA sources
+  FORCE_CUDA=1           build CUDA sources even when torch cannot see a GPU
+  TORCH_CUDA_ARCH_LIST   architectures to build for (default "7.5;8.0;8.6;9.0+PTX")
+  PROTOSEG_NATIVE=0      do not tune the CPU kernels for this machine's vector units
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+
+
+def cuda_wanted():
+    if os.environ.get("PROTOSEG_CUDA") == "0":
+        return False
+    sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    if not sources:
+        return False
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def cpu_vector_flags():
+    # The epilogues are written as plain loops that GCC vectorises; AVX2+FMA doubles their
+    # width. Only enabled when the building machine has them (a source build runs where built).
+    if os.environ.get("PROTOSEG_NATIVE") == "0" or not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return []
+    if " avx2" in flags and " fma" in flags:
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def extension():
+    with_cuda = cuda_wanted()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPROTOSEG_OPENMP"] + cpu_vector_flags()
+    kwargs = dict(
+        name="protoseg._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if not with_cuda:
+        print("protoseg: building CPU kernels only", flush=True)
+        return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DPROTOSEG_CUDA"]
+    include_dirs = kwargs.pop("include_dirs")
+    # torch's CUDA headers include cublas_v2.h, cusparse.h ...; pip ships them here.
+    nvidia_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    if os.path.isdir(nvidia_include):
+        include_dirs.append(nvidia_include)
+    print(f"protoseg: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
+    return cpp_extension.CUDAExtension(
+        sources=sources + cuda_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx + ["-DPROTOSEG_CUDA"], "nvcc": nvcc},
+        **kwargs,
+    )
+
+
+setup(
+    name="protoseg",
+    version="0.1.0",
+    packages=find_packages(include=["protoseg", "protoseg.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)
