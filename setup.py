@@ -48,7 +48,7 @@ def cpu_vector_flags():
 def extension():
     with_cuda = cuda_wanted()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPROTOSEG_OPENMP"] + cpu_vector_flags()
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DPROTOSEG_PYTHON_MODULE"] + cpu_vector_flags()
     kwargs = dict(
         name="protoseg._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -59,7 +59,7 @@ def extension():
         return cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DPROTOSEG_CUDA"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-DPROTOSEG_CUDA"]
     include_dirs = kwargs.pop("include_dirs")
     # torch's CUDA headers include cublas_v2.h, cusparse.h ...; pip ships them here.
     nvidia_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")

@@ -50,3 +50,14 @@ TORCH_LIBRARY(protoseg, m) {
   m.def("scatter_mean(Tensor x, Tensor index, int num_segments) -> (Tensor mean, Tensor count)");
   m.def("scatter_mean_backward(Tensor grad_mean, Tensor index, Tensor count) -> Tensor grad_x");
 }
+
+#ifdef PROTOSEG_PYTHON_MODULE
+// `import protoseg._C` loads this library (and so runs the registrations above). Built as a
+// plain library (CMakeLists.txt) it is loaded with torch.ops.load_library instead.
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

@@ -61,7 +61,7 @@ def proto_train(x, prototypes, labels, temperature: float):
     own = sim[torch.arange(x.shape[0], device=x.device), labels.clamp(min=0)] * valid[:, None]
     lse = torch.logsumexp(logits / temperature, dim=1)
     weighted = torch.softmax(logits / temperature, dim=1) @ flat
-    return scores.to(x.dtype), index, own.to(x.dtype), lse, weighted
+    return scores.to(x.dtype), index, own, lse, weighted
 
 
 def sinkhorn_one_class(scores: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:

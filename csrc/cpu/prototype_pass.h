@@ -1,0 +1,260 @@
+// The chunked pixel x prototype pass shared by proto_similarity, proto_contrast_loss and
+// proto_train on the CPU, and the gradient assembly shared by their backward ops.
+//
+// Layouts: x [N, D] (any strides, any float dtype); p_hat [K*M, D] acc_t row-major, already
+// L2-normalised; the tile S [rows, K*M] acc_t row-major. Pixels are processed `rows` at a
+// time: normalise the rows into an acc_t buffer, one library GEMM into the tile, then a fused
+// epilogue over the tile while it is still in cache. The [N, K*M] products are never held.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace protoseg {
+namespace cpu {
+
+constexpr double kNormEps = 1e-12;  // as F.normalize
+
+// Bound on the tile: 2M acc_t entries (8 MB in fp32) sits in L3 next to p_hat and the rows.
+inline int64_t chunk_rows(int64_t n, int64_t km) {
+  const int64_t budget = int64_t{1} << 21;
+  return std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(64, budget / std::max<int64_t>(km, 1))));
+}
+
+// p_hat = prototypes / max(||p||, eps) as a contiguous [K*M, D] tensor of the accumulation type.
+inline at::Tensor normalized_prototypes(const at::Tensor& prototypes, at::ScalarType acc) {
+  const auto d = prototypes.size(2);
+  auto p = prototypes.reshape({-1, d}).to(acc);
+  return (p / p.norm(2, {1}, /*keepdim=*/true).clamp_min(kNormEps)).contiguous();
+}
+
+// exp for x <= 0 written so GCC vectorises the loops that call it (Cephes expf polynomial,
+// about 1 ulp). Inputs below the float range clamp to exp(-87.3) ~ 1e-38, which is 0 next to
+// the row maximum's exp(0) = 1 that every row sum contains.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename acc_t>
+inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+
+// Reads row n of x into `out` as acc_t, divided by max(||x_n||, eps); returns the norm.
+template <typename scalar_t, typename acc_t>
+inline acc_t load_normalized_row(const scalar_t* x, int64_t stride_d, int64_t d, acc_t* __restrict out) {
+  acc_t ss = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i * stride_d]);
+    out[i] = v;
+    ss += v * v;
+  }
+  const acc_t norm = std::sqrt(ss);
+  const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
+  for (int64_t i = 0; i < d; ++i) out[i] /= denom;
+  return norm;
+}
+
+// What the epilogue produces; a null pointer skips that output. Row pointers are indexed by
+// the global pixel n.
+template <typename scalar_t, typename acc_t>
+struct PassOutputs {
+  scalar_t* scores = nullptr;  // [N, K] max over the class's M prototypes
+  int64_t* index = nullptr;    // [N, K] argmax, ties to the smallest m
+  const int64_t* labels = nullptr;  // [N] for `own`
+  acc_t* own = nullptr;             // [N, M] the row's own-class products (0 if labels[n] < 0)
+  const int64_t* target = nullptr;  // [N] for `target_logit`; entries outside [0, K*M) skipped
+  acc_t* target_logit = nullptr;    // [N] S[n, target[n]]
+  acc_t* lse = nullptr;             // [N] logsumexp_j S[n, j] / temperature
+  acc_t* weighted = nullptr;        // [N, D] sum_j softmax_j(S[n] / temperature) p_hat_j (needs lse)
+  double temperature = 1.0;
+};
+
+// One pass over all pixels. x: [N, D] with strides; p_hat: [K*M, D] acc_t contiguous.
+template <typename scalar_t, typename acc_t>
+void prototype_pass(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_classes, int64_t num_prototypes,
+                    const PassOutputs<scalar_t, acc_t>& out) {
+  const int64_t n_total = x.size(0), d = x.size(1), k_classes = num_classes, m_protos = num_prototypes;
+  const int64_t km = k_classes * m_protos;
+  if (n_total == 0) return;
+  const int64_t rows = chunk_rows(n_total, km);
+  const auto acc_type = p_hat.scalar_type();
+  auto xbuf = at::empty({rows, d}, p_hat.options());
+  auto tile = at::empty({rows, km}, p_hat.options());
+  const at::Tensor p_hat_t = p_hat.t();
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / out.temperature);
+  (void)acc_type;
+
+  for (int64_t start = 0; start < n_total; start += rows) {
+    const int64_t r = std::min(rows, n_total - start);
+    acc_t* xb = xbuf.data_ptr<acc_t>();
+    at::parallel_for(0, r, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) load_normalized_row(x_ptr + (start + i) * sx0, sx1, d, xb + i * d);
+    });
+    auto s_view = tile.narrow(0, 0, r);
+    at::mm_out(s_view, xbuf.narrow(0, 0, r), p_hat_t);
+    acc_t* s_ptr = tile.data_ptr<acc_t>();
+
+    // Row sums of exp for `weighted`, kept to scale the second GEMM's rows.
+    std::vector<acc_t> row_sum(out.weighted ? r : 0);
+    at::parallel_for(0, r, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = start + i;
+        acc_t* s = s_ptr + i * km;
+        if (out.scores || out.index) {
+          for (int64_t k = 0; k < k_classes; ++k) {
+            const acc_t* sk = s + k * m_protos;
+            acc_t best = sk[0];
+            int64_t arg = 0;
+            for (int64_t m = 1; m < m_protos; ++m) {
+              if (sk[m] > best) {
+                best = sk[m];
+                arg = m;
+              }
+            }
+            if (out.scores) out.scores[n * k_classes + k] = static_cast<scalar_t>(best);
+            if (out.index) out.index[n * k_classes + k] = arg;
+          }
+        }
+        if (out.own) {
+          const int64_t y = out.labels[n];
+          acc_t* o = out.own + n * m_protos;
+          if (y >= 0) {
+            std::copy(s + y * m_protos, s + (y + 1) * m_protos, o);
+          } else {
+            std::fill(o, o + m_protos, acc_t(0));
+          }
+        }
+        if (out.target_logit) {
+          const int64_t t = out.target[n];
+          out.target_logit[n] = (t >= 0 && t < km) ? s[t] : acc_t(0);
+        }
+        if (out.lse) {
+          acc_t mx = s[0];
+          for (int64_t j = 1; j < km; ++j) mx = std::max(mx, s[j]);
+          acc_t sum = 0;
+          if (out.weighted) {
+            // exp in place: the tile becomes the unnormalised softmax fed to the second GEMM.
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < km; ++j) {
+              const acc_t v = exp_nonpositive((s[j] - mx) * inv_tau);
+              s[j] = v;
+              sum += v;
+            }
+            row_sum[i] = sum;
+          } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < km; ++j) sum += exp_nonpositive((s[j] - mx) * inv_tau);
+          }
+          out.lse[n] = mx * inv_tau + std::log(sum);
+        }
+      }
+    });
+
+    if (out.weighted) {
+      auto w_view = at::from_blob(out.weighted + start * d, {r, d}, p_hat.options());
+      at::mm_out(w_view, s_view, p_hat);
+      at::parallel_for(0, r, 64, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          acc_t* w = out.weighted + (start + i) * d;
+          const acc_t inv = acc_t(1) / row_sum[i];
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) w[c] *= inv;
+        }
+      });
+    }
+  }
+}
+
+// The per-row gradient terms of the backward ops; null pointers contribute nothing.
+//   grad_x_hat[n] = sum_k grad_scores[n,k] p_hat[k*M + index[n,k]]
+//                 + sum_m grad_own[n,m] p_hat[labels[n]*M + m]          (labels[n] >= 0)
+//                 + grad_lse[n] / temperature * weighted[n]
+//                 + coef_target[n] p_hat[target[n]]                     (target in range)
+// then through x_hat = x / max(||x||, eps).
+template <typename scalar_t, typename acc_t>
+struct GradTerms {
+  const scalar_t* grad_scores = nullptr;  // [N, K] contiguous
+  const int64_t* index = nullptr;         // [N, K]
+  const acc_t* grad_own = nullptr;        // [N, M] contiguous
+  const int64_t* labels = nullptr;        // [N]
+  const acc_t* grad_lse = nullptr;        // [N]
+  const acc_t* weighted = nullptr;        // [N, D]
+  const acc_t* coef_target = nullptr;     // [N]
+  const int64_t* target = nullptr;        // [N]
+  double temperature = 1.0;
+};
+
+template <typename scalar_t, typename acc_t>
+void assemble_grad_x(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_classes, int64_t num_prototypes,
+                     const GradTerms<scalar_t, acc_t>& g, const at::Tensor& grad_x) {
+  const int64_t n_total = x.size(0), d = x.size(1), m_protos = num_prototypes, km = num_classes * num_prototypes;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const acc_t* p = p_hat.data_ptr<acc_t>();
+  scalar_t* gx = grad_x.data_ptr<scalar_t>();  // contiguous [N, D]
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / g.temperature);
+  at::parallel_for(0, n_total, 32, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> acc(d), xh(d);
+    for (int64_t n = b; n < e; ++n) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (g.grad_scores) {
+        for (int64_t k = 0; k < num_classes; ++k) {
+          const acc_t c = static_cast<acc_t>(g.grad_scores[n * num_classes + k]);
+          if (c != acc_t(0)) axpy(acc.data(), c, p + (k * m_protos + g.index[n * num_classes + k]) * d, d);
+        }
+      }
+      if (g.grad_own && g.labels[n] >= 0) {
+        const acc_t* base = p + g.labels[n] * m_protos * d;
+        for (int64_t m = 0; m < m_protos; ++m) {
+          const acc_t c = g.grad_own[n * m_protos + m];
+          if (c != acc_t(0)) axpy(acc.data(), c, base + m * d, d);
+        }
+      }
+      if (g.grad_lse && g.grad_lse[n] != acc_t(0)) axpy(acc.data(), g.grad_lse[n] * inv_tau, g.weighted + n * d, d);
+      if (g.coef_target) {
+        const int64_t t = g.target[n];
+        if (t >= 0 && t < km && g.coef_target[n] != acc_t(0)) axpy(acc.data(), g.coef_target[n], p + t * d, d);
+      }
+      const acc_t norm = load_normalized_row(x_ptr + n * sx0, sx1, d, xh.data());
+      scalar_t* out = gx + n * d;
+      if (norm > static_cast<acc_t>(kNormEps)) {
+        acc_t dot = 0;
+        for (int64_t c = 0; c < d; ++c) dot += acc[c] * xh[c];
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) / norm);
+      } else {
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] / static_cast<acc_t>(kNormEps));
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace protoseg

@@ -1,0 +1,20 @@
+"""`torch.ops.protoseg.*`: typed wrappers, fake kernels, autograd and autocast rules.
+
+Importing this module loads the compiled library (protoseg._C), whose C++ side declares every
+schema (csrc/protoseg.cpp) and registers the CPU (and CUDA) kernels.
+"""
+
+from protoseg import _C  # noqa: F401  (registers the operators)
+from protoseg.ops import reference
+from protoseg.ops.segments import scatter_mean, sinkhorn
+from protoseg.ops.similarity import TrainPass, proto_contrast_loss, proto_similarity, proto_train
+
+__all__ = [
+    "TrainPass",
+    "proto_contrast_loss",
+    "proto_similarity",
+    "proto_train",
+    "reference",
+    "scatter_mean",
+    "sinkhorn",
+]

@@ -1,0 +1,85 @@
+"""Segmented ops: Sinkhorn-Knopp over all classes at once, and a deterministic scatter mean."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from protoseg.ops._registration import autocast_to_float32, forbid_double_backward
+
+_ops = torch.ops.protoseg
+
+
+def sinkhorn(
+    scores: Tensor, labels: Tensor, num_classes: int, iterations: int = 3, epsilon: float = 0.05
+) -> tuple[Tensor, Tensor]:
+    """Sinkhorn-Knopp equipartition of each class's pixels over the class's M prototypes.
+
+    For every class k independently, over the n_k pixels labelled k: L = exp(S / epsilon)^T
+    [M, n_k], normalised to sum 1, then ``iterations`` times {each prototype row to 1/M, each
+    pixel column to 1/n_k}, finally times n_k (as the released code; each class's maximum is
+    subtracted before exp, which the first normalisation cancels). Computed in float64.
+
+    Args:
+        scores: [N, M] floating: each pixel's similarity to its own class's prototypes.
+        labels: [N] int64 in [0, num_classes), or negative for ignored pixels.
+
+    Returns:
+        q: [N, M] float32 transport plan; rows of valid pixels sum to 1, ignored rows are 0.
+        assignment: [N] int64 argmax_m q (ties to the smallest m), -1 where ignored.
+
+    No gradient. Bitwise deterministic whatever the thread count.
+    """
+    return _ops.sinkhorn(scores, labels, int(num_classes), int(iterations), float(epsilon))
+
+
+def scatter_mean(x: Tensor, index: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+    """Mean of the rows of x per segment.
+
+    Args:
+        x: [N, D] floating (any strides).
+        index: [N] int64 segment of each row in [0, num_segments), negative rows are skipped.
+
+    Returns:
+        mean: [num_segments, D], dtype of x (accumulated in float32/64); 0 for empty segments.
+        count: [num_segments] int64 rows per segment.
+
+    Bitwise deterministic whatever the thread count (sorted-segment sums, no atomics).
+    Differentiable in x: grad_x[n] = grad_mean[index[n]] / count[index[n]].
+    """
+    return _ops.scatter_mean(x, index, int(num_segments))
+
+
+@torch.library.register_fake("protoseg::sinkhorn")
+def _(scores, labels, num_classes, iterations, epsilon):
+    return scores.new_empty(scores.shape, dtype=torch.float32), labels.new_empty(labels.shape)
+
+
+@torch.library.register_fake("protoseg::scatter_mean")
+def _(x, index, num_segments):
+    return x.new_empty(num_segments, x.shape[1]), index.new_empty(num_segments)
+
+
+@torch.library.register_fake("protoseg::scatter_mean_backward")
+def _(grad_mean, index, count):
+    return grad_mean.new_empty(index.shape[0], grad_mean.shape[1])
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, index, _ = inputs
+    _, count = output
+    ctx.mark_non_differentiable(count)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(index, count)
+
+
+def _scatter_backward(ctx, grad_mean, _grad_count):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    index, count = ctx.saved_tensors
+    return _ops.scatter_mean_backward(grad_mean, index, count), None, None
+
+
+torch.library.register_autograd("protoseg::scatter_mean", _scatter_backward, setup_context=_scatter_setup)
+autocast_to_float32("protoseg::sinkhorn")
+forbid_double_backward("protoseg::scatter_mean_backward")
