@@ -1,0 +1,5 @@
+"""Segmentation models: backbones, decoders, classifiers."""
+
+from protoseg.models.prototype import PrototypeClassifier
+
+__all__ = ["PrototypeClassifier"]
