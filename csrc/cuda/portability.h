@@ -4,7 +4,9 @@
 //
 // Device code uses only what is declared here:
 //   PS_GLOBAL / PS_DEVICE / PS_HD      kernel, device-function and host+device qualifiers
-//   PS_LAUNCH_BOUNDS(t)                __launch_bounds__ (no-op on the host)
+//   PS_LAUNCH_BOUNDS(t)                __launch_bounds__(t, 1) (no-op on the host): with the
+//                                      minimum of one block per SM stated, ptxas no longer caps
+//                                      registers at 32-40 for occupancy and spills (sm_80)
 //   PS_SHARED_ARRAY(T, name, count)    a block-shared array (static size)
 //   PS_DYNAMIC_SHARED(T, name)         the block's dynamic shared memory as T*
 //   threadIdx, blockIdx, blockDim, gridDim
@@ -30,7 +32,7 @@
 #define PS_GLOBAL __global__
 #define PS_DEVICE __device__ __forceinline__
 #define PS_HD __host__ __device__ __forceinline__
-#define PS_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+#define PS_LAUNCH_BOUNDS(threads) __launch_bounds__(threads, 1)
 #define PS_SHARED_ARRAY(T, name, count) __shared__ T name[count]
 #define PS_DYNAMIC_SHARED(T, name)                                 \
   extern __shared__ __align__(16) unsigned char ps_dynamic_smem[]; \

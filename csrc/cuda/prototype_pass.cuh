@@ -221,10 +221,10 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradThreads) assemble_grad_kernel(GradParams<sc
     dot = block_sum<kGradThreads>(dot);
     const acc eps = static_cast<acc>(kNormEps);
     const bool clamped = !(ss > eps * eps);  // ||x|| <= eps
-    // One rsqrt per row (see normalize_rows_kernel). Unclamped:
-    // (a - x_hat <a, x_hat>) / ||x|| = a / ||x|| - x <a, x> / ||x||^3; clamped: a / eps.
+    // One rsqrt per row (see normalize_rows_kernel). Unclamped: (a - x_hat <a, x_hat>) / ||x||
+    // with x_hat = x / ||x|| and <a, x_hat> = <a, x> / ||x||; clamped: a / eps.
     const acc inv_norm = clamped ? acc(1) / eps : ps::rsqrt(ss);
-    const acc x_coef = clamped ? acc(0) : dot * inv_norm * inv_norm;  // <a, x_hat> / ||x||
+    const acc x_coef = clamped ? acc(0) : dot * inv_norm;  // <a, x_hat>
     scalar_t* out = p.grad_x + n * d;
     for (int64_t c = threadIdx.x; c < d; c += kGradThreads) {
       const acc xh = static_cast<acc>(xr[c * p.sx1]) * inv_norm;
