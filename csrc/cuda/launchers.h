@@ -56,7 +56,7 @@ void check_range_device(Exec& ex, const at::Tensor& v, int64_t upper, const char
   ex.launch(range_check_kernel<kRangeCheckThreads>, grid_for(n, kRangeCheckThreads, 4096), kRangeCheckThreads, 0, p);
   const int64_t i = first_bad.item<int64_t>();
   if (i >= n) return;
-  const int64_t t = v[i].item<int64_t>();
+  const int64_t t = v.reshape({-1})[i].item<int64_t>();  // flat position, as check_range_host
   TORCH_CHECK(false, name, "[", i, "] = ", t, " is out of range: expected a value in [0, ", upper_name, " = ", upper, ")",
               (allow_negative ? " or negative (ignored)" : ""),
               (has_ignore ? " or ignore_index = " + std::to_string(ignore) : std::string()));

@@ -92,6 +92,7 @@ struct Context {
 struct ThreadState {
   Dim3 thread_idx, block_idx, block_dim, grid_dim;
   Context* context = nullptr;
+  unsigned exchange_parity = 0;   // which half of the warp exchange the next shuffle uses
   std::size_t shared_offset = 0;  // next free byte of the static arena; every thread of a
                                   // block makes the same declarations in the same order, so
                                   // all get the same addresses

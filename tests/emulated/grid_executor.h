@@ -1,7 +1,7 @@
 // The CPU grid executor (test-only): runs the shipped CUDA kernels (csrc/cuda/*.cuh, compiled
 // by the host compiler through csrc/cuda/portability.h) with CUDA's execution semantics.
 //
-//   - one host thread per CUDA thread of a block (std::thread), so every interleaving the
+//   - one host thread per CUDA thread of a block (std::thread, pooled across launches), so every interleaving the
 //     OS scheduler produces is a legal GPU interleaving, and ThreadSanitizer sees real threads;
 //   - blocks run in sequence (x fastest), the same threads looping over them, with a barrier
 //     between blocks; shared memory is one arena per launch, shared by the block's threads and
@@ -19,6 +19,8 @@
 #pragma once
 
 #include <cxxabi.h>
+
+#include <functional>
 
 #include <algorithm>
 #include <chrono>
@@ -75,18 +77,20 @@ constexpr unsigned char kPoison = 0xA5;
 class BlockContext final : public Context {
  public:
   BlockContext(unsigned threads, std::size_t dynamic_bytes)
-      : block_(threads), exchange_(threads), static_(kStaticSharedBytes, kPoison), dynamic_(dynamic_bytes + 16, kPoison) {
+      : block_(threads), exchange_(2 * threads), static_(kStaticSharedBytes, kPoison), dynamic_(dynamic_bytes + 16, kPoison) {
     for (unsigned w = 0; w < threads / 32; ++w) warps_.push_back(std::make_unique<Barrier>(32));
   }
   void sync_block() override { block_.wait(); }
+  // Double-buffered: exchange i uses buffer i % 2, so one barrier per shuffle suffices. A lane
+  // writes buffer b again only after passing the barrier of the next exchange, which every
+  // lane reaches only after it has read buffer b.
   uint64_t warp_exchange(uint64_t bits, unsigned src_lane) override {
     const unsigned t = state.thread_idx.x + state.block_dim.x * (state.thread_idx.y + state.block_dim.y * state.thread_idx.z);
     const unsigned warp = t / 32;
-    exchange_[t] = bits;
+    const std::size_t base = (state.exchange_parity ^= 1u) * exchange_.size() / 2;
+    exchange_[base + t] = bits;
     warps_[warp]->wait();
-    const uint64_t out = exchange_[warp * 32 + (src_lane % 32)];
-    warps_[warp]->wait();  // nobody overwrites a slot before every lane has read it
-    return out;
+    return exchange_[base + warp * 32 + (src_lane % 32)];
   }
   unsigned char* static_shared() override { return static_.data(); }
   std::size_t static_shared_bytes() const override { return static_.size(); }
@@ -119,6 +123,67 @@ inline std::string demangle(const char* name) {
   return s;
 }
 
+// Worker threads kept across launches (creating a block's worth of threads per launch
+// dominated the run time): run(n, f) calls f(t) on workers t = 0..n-1 concurrently, each on its
+// own thread, and returns when all are done.
+class ThreadPool {
+ public:
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  void run(unsigned n, const std::function<void(unsigned)>& f) {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (workers_.size() < n) {
+      const unsigned id = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    job_ = &f;
+    active_ = n;
+    pending_ = n;
+    ++generation_;
+    cv_.notify_all();
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(unsigned id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(unsigned)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        if (id >= active_) continue;
+        job = job_;
+      }
+      (*job)(id);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pending_ == 0) done_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned active_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+inline ThreadPool& pool() {
+  static ThreadPool instance;
+  return instance;
+}
+
 template <class P>
 void launch(void (*kernel)(P), Dim3 grid, Dim3 block, std::size_t dynamic_smem, const P& params) {
   const unsigned threads = block.x * block.y * block.z;
@@ -136,28 +201,24 @@ void launch(void (*kernel)(P), Dim3 grid, Dim3 block, std::size_t dynamic_smem, 
   }
   BlockContext ctx(threads, dynamic_smem);
   Barrier between_blocks(threads);
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      state.context = &ctx;
-      state.block_dim = block;
-      state.grid_dim = grid;
-      state.thread_idx = Dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            state.block_idx = Dim3(bx, by, bz);
-            state.shared_offset = 0;
-            kernel(params);
-            between_blocks.wait();  // the block is done everywhere
-            if (t == 0) ctx.poison();
-            between_blocks.wait();  // before the next block touches shared memory
-          }
-      state.context = nullptr;
-    });
-  }
-  for (auto& th : pool) th.join();
+  pool().run(threads, [&](unsigned t) {
+    state.context = &ctx;
+    state.block_dim = block;
+    state.grid_dim = grid;
+    state.exchange_parity = 0;
+    state.thread_idx = Dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          state.block_idx = Dim3(bx, by, bz);
+          state.shared_offset = 0;
+          kernel(params);
+          between_blocks.wait();  // the block is done everywhere
+          if (t == 0) ctx.poison();
+          between_blocks.wait();  // before the next block touches shared memory
+        }
+    state.context = nullptr;
+  });
 }
 
 }  // namespace ps_emu
