@@ -45,11 +45,10 @@ def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int,
 
     digits = load_digits()
     images, targets = digits.images.astype(np.float32) / 16.0, digits.target
-    is_val = np.arange(len(images)) % 5 == 0
     tmp = root.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for split, count in (("train", scenes_train), ("val", scenes_val)):
-        pool = np.flatnonzero(is_val if split == "val" else ~is_val)
+        pool = digit_pool(len(images), split)
         os.makedirs(os.path.join(tmp, "images", split))
         os.makedirs(os.path.join(tmp, "labels", split))
         for i in range(count):
@@ -64,6 +63,12 @@ def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int,
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     os.replace(tmp, root)
     return True
+
+
+def digit_pool(num_digits: int, split: str) -> np.ndarray:
+    """Indices of the digit images a split draws from: every fifth for val, the rest for train."""
+    is_val = np.arange(num_digits) % 5 == 0
+    return np.flatnonzero(is_val if split == "val" else ~is_val)
 
 
 def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_targets: np.ndarray,

@@ -154,7 +154,8 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "iteration": iteration, "rng": rng, "config": config_to_dict(cfg),
                 }, run_dir, iteration, keep=t.keep_checkpoints)
-                write_log({"iter": iteration, "checkpoint": path})
+                # check_replicas_identical raised otherwise
+                write_log({"iter": iteration, "checkpoint": path, "replicas_identical": world})
 
         def run_eval(iteration: int) -> None:
             if not sync_bn:
@@ -194,7 +195,7 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0]:
                 values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
-                raise NonFiniteLoss(f"non-finite loss at iteration {it + 1}: loss={float(loss):.6g} ({values}); "
+                raise NonFiniteLoss(f"non-finite loss at iteration {it + 1}: loss={float(loss.detach()):.6g} ({values}); "
                                     f"rank {rank}; the last checkpoint is untouched")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
