@@ -179,6 +179,7 @@ def _train_setup(ctx, inputs, output):
     x, prototypes, labels, temperature = inputs
     _, index, _, _, weighted = output
     ctx.mark_non_differentiable(index, weighted)
+    ctx.set_materialize_grads(False)  # unused outputs stay None: no [N, D] zero gradients
     ctx.temperature = temperature
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(x, prototypes, labels, index, weighted)
