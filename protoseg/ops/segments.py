@@ -81,5 +81,16 @@ def _scatter_backward(ctx, grad_mean, _grad_count):
 
 
 torch.library.register_autograd("protoseg::scatter_mean", _scatter_backward, setup_context=_scatter_setup)
+
+
+def _sinkhorn_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)  # an assignment, not a function to differentiate
+
+
+def _sinkhorn_backward(ctx, _grad_q, _grad_assignment):
+    return None, None, None, None, None
+
+
+torch.library.register_autograd("protoseg::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup)
 autocast_to_float32("protoseg::sinkhorn")
 forbid_double_backward("protoseg::scatter_mean_backward")
