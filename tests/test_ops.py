@@ -139,18 +139,6 @@ def _check_index(index, x, prototypes, tol):
 
 # ---- correctness against the reference, forward and backward ---------------------------------
 
-# Known bug (reported to the lead): prototype_pass.h sums each row's exp((s - max) / tau) over
-# all K*M columns in acc_t = float32, lane-sequentially, so for long rows (K*M = 36000) the row
-# logsumexp is biased low by ~4e-5 (20x the error of torch.logsumexp in float32, which sums
-# pairwise). Accumulating the row sum in double (or in blocks) fixes it.
-LSE_SUM_BUG = "float32 row-sum of exp in prototype_pass.h loses precision for K*M = 36000"
-
-
-def _xfail_if(request, condition: bool, reason: str):
-    if condition:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_proto_similarity(case, dtype):
@@ -183,8 +171,7 @@ def test_proto_similarity(case, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_proto_contrast_loss(case, dtype, request):
-    _xfail_if(request, case.name == "min_rows" and dtype == torch.float32, LSE_SUM_BUG)
+def test_proto_contrast_loss(case, dtype):
     s = make_sample(case, dtype)
     x64, p64 = _f64(s.x, s.prototypes)
     tau, ign = 0.1, case.ignore_index
@@ -208,8 +195,7 @@ def test_proto_contrast_loss(case, dtype, request):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_proto_train(case, dtype, request):
-    _xfail_if(request, case.name == "min_rows" and dtype != torch.float64, LSE_SUM_BUG)
+def test_proto_train(case, dtype):
     s = make_sample(case, dtype)
     x64, p64 = _f64(s.x, s.prototypes)
     tau = 0.1
@@ -480,7 +466,6 @@ def test_gradcheck(case):
 # but the fake kernels are registered from protoseg.ops.similarity and protoseg.ops.segments, so
 # every fake-tensor call (opcheck, torch.compile, meta) raises "specified that its python fake
 # impl is in the Python module 'protoseg.ops' but it was actually found in ...".
-FAKE_MODULE_BUG = "set_python_module('protoseg.ops') does not name the modules holding the fake kernels"
 
 
 def _opcheck_calls(s: Sample):
@@ -519,7 +504,6 @@ def _opcheck_calls(s: Sample):
 
 # Nothing is excluded from opcheck's test_utils: the data-dependent range checks live only in the
 # real kernels, and the fake kernels need nothing but shapes, so test_aot_dispatch_dynamic applies.
-@pytest.mark.xfail(strict=True, reason=FAKE_MODULE_BUG)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     for s in sample_inputs(dtype, [CASE["empty"], CASE["odd"], CASE["transposed"]]):
@@ -542,7 +526,6 @@ def _training_step(x, prototypes, labels, target):
     return loss, index, q, assignment, count
 
 
-@pytest.mark.xfail(strict=True, reason=FAKE_MODULE_BUG)
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     s = make_sample(CASE["transposed"], torch.float32)
@@ -644,11 +627,6 @@ def test_mixed_devices_cpu_kernel_names_the_argument(name):
         op.redispatch(CPU_ONLY, *args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a meta argument routes the call to the Python fake kernel, which checks no device (today "
-    "it fails earlier on the set_python_module mismatch; once fixed it returns uninitialised CPU tensors)",
-)
 @pytest.mark.parametrize("name", list(_mixed_device_calls("meta")))
 def test_mixed_devices_public_call_names_the_argument(name):
     op, args, match = _mixed_device_calls("meta")[name]
