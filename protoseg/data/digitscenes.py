@@ -25,7 +25,7 @@ import numpy as np
 CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
 IGNORE_INDEX = 255
 _SPLITS = {"train": 0, "val": 1}
-_VERSION = 1  # bump when the generator's output changes
+_VERSION = 3  # bump when the generator's output changes
 
 
 def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int, seed: int = 0) -> bool:
@@ -77,12 +77,14 @@ def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_targets
     image = _background(rng, size)
     label = np.zeros((size, size), np.uint8)
     boxes: list[tuple[int, int, int, int]] = []
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(2, 5)):
         k = pool[rng.integers(len(pool))]
-        h = int(rng.integers(size // 4, size // 2 + 1))
+        h = int(rng.integers(round(size * 0.35), round(size * 0.6) + 1))
         w = int(round(h * rng.uniform(0.75, 1.1)))
-        # 8x8 intensities in [0, 1] -> a soft stroke mask of the digit's size.
-        alpha = np.clip(cv2.resize(digit_images[k], (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+        # 8x8 intensities in [0, 1] upsampled to the digit's size; strokes are opaque from
+        # intensity 0.4 and fade out below.
+        ink = np.clip(cv2.resize(digit_images[k], (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+        alpha = np.clip((ink - 0.1) / 0.3, 0, 1)
         for _attempt in range(10):  # digits do not overlap, so every label is unambiguous
             y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
             if all(y + h <= by or by + bh <= y or x + w <= bx or bx + bw <= x for by, bx, bh, bw in boxes):
@@ -94,8 +96,8 @@ def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_targets
         colour = _contrasting_colour(rng, region.mean(axis=(0, 1)))
         region[:] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
         sub = label[y:y + h, x:x + w]
-        sub[alpha >= 0.3] = IGNORE_INDEX  # the ambiguous soft edge
-        sub[alpha >= 0.6] = 1 + int(digit_targets[k])
+        sub[ink >= 0.15] = IGNORE_INDEX  # the ambiguous soft edge
+        sub[ink >= 0.3] = 1 + int(digit_targets[k])
     image += rng.normal(0, 8, image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), label
 
