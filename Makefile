@@ -33,7 +33,8 @@ test: build
 
 demo: build
 	$(PY) tools/train.py configs/digitscenes_protoseg.yaml
-	$(PY) tools/test.py configs/digitscenes_protoseg.yaml runs/digitscenes_protoseg/checkpoint_last.pth
+	$(PY) tools/test.py configs/digitscenes_protoseg.yaml runs/digitscenes_protoseg/checkpoint_last.pth \
+		--save-pred runs/digitscenes_protoseg/predictions --limit 32
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-columns=mean,stddev,rounds

@@ -1,6 +1,6 @@
 // Every protoseg operator schema, in one place. Kernels live in cpu/<op>.cpp and
 // cuda/<op>.cu and register themselves; fake kernels, autograd and autocast rules are
-// registered in Python (protoseg.ops), which set_python_module points at.
+// registered in Python (protoseg.ops); set_python_module names the module of the fake kernels.
 //
 // Shapes (N pixels, D channels, K classes, M prototypes per class, S segments):
 //   x [N, D], prototypes [K, M, D] (both L2-normalised inside the ops),
@@ -10,7 +10,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(protoseg, m) {
-  m.set_python_module("protoseg.ops");
+  m.set_python_module("protoseg.ops._fake");
 
   // scores[n, k] = max_m <x_n, p_km>, index[n, k] = argmax (ties to the smallest m).
   m.def("proto_similarity(Tensor x, Tensor prototypes) -> (Tensor scores, Tensor index)");

@@ -214,8 +214,8 @@ class PrototypeClassifier(nn.Module):
             self.prototypes.div_(world)
 
     def _momentum_update(self, sums: Tensor, count: Tensor) -> None:
-        moved = self.momentum * self.prototypes + (1 - self.momentum) * F.normalize(sums, dim=-1)
-        self.prototypes.copy_(F.normalize(torch.where((count > 0).unsqueeze(-1), moved, self.prototypes), dim=-1))
+        moved = F.normalize(self.momentum * self.prototypes + (1 - self.momentum) * F.normalize(sums, dim=-1), dim=-1)
+        self.prototypes.copy_(torch.where((count > 0).unsqueeze(-1), moved, self.prototypes))
 
     def _forward_reference(self, x: Tensor, target: Tensor | None):
         """The released implementation (HRNet_W48_Proto.forward / prototype_learning and the

@@ -5,6 +5,7 @@ schema (csrc/protoseg.cpp) and registers the CPU (and CUDA) kernels.
 """
 
 from protoseg import _C  # noqa: F401  (registers the operators)
+from protoseg.ops import _fake  # noqa: F401  (fake kernels; csrc/protoseg.cpp names this module)
 from protoseg.ops import reference
 from protoseg.ops.segments import scatter_mean, sinkhorn
 from protoseg.ops.similarity import TrainPass, proto_contrast_loss, proto_similarity, proto_train

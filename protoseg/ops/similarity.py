@@ -18,10 +18,6 @@ from protoseg.ops._registration import autocast_to_float32, forbid_double_backwa
 _ops = torch.ops.protoseg
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def proto_similarity(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     """Per-class maximum cosine similarity between pixels and prototypes.
 
@@ -87,49 +83,6 @@ def proto_train(x: Tensor, prototypes: Tensor, labels: Tensor, temperature: floa
     return TrainPass(*_ops.proto_train(x, prototypes, labels, float(temperature)))
 
 
-# ---- fake kernels (shapes and dtypes only) ---------------------------------------------------
-
-
-@torch.library.register_fake("protoseg::proto_similarity")
-def _(x, prototypes):
-    n, k = x.shape[0], prototypes.shape[0]
-    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64)
-
-
-@torch.library.register_fake("protoseg::proto_similarity_backward")
-def _(grad_scores, x, prototypes, index):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("protoseg::proto_contrast_loss")
-def _(x, prototypes, target, temperature, ignore_index):
-    return x.new_empty(()), x.new_empty(())
-
-
-@torch.library.register_fake("protoseg::proto_contrast_loss_backward")
-def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("protoseg::proto_train")
-def _(x, prototypes, labels, temperature):
-    n, d = x.shape
-    k, m = prototypes.shape[0], prototypes.shape[1]
-    acc = _acc_dtype(x.dtype)
-    return (
-        x.new_empty(n, k),
-        x.new_empty(n, k, dtype=torch.int64),
-        x.new_empty(n, m, dtype=acc),
-        x.new_empty(n, dtype=acc),
-        x.new_empty(n, d, dtype=acc),
-    )
-
-
-@torch.library.register_fake("protoseg::proto_train_backward")
-def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 # ---- autograd: thin glue around the backward ops ---------------------------------------------
 
 
@@ -179,6 +132,7 @@ def _train_setup(ctx, inputs, output):
     x, prototypes, labels, temperature = inputs
     _, index, _, _, weighted = output
     ctx.mark_non_differentiable(index, weighted)
+    ctx.set_materialize_grads(False)  # unused outputs stay None: no [N, D] zero gradients
     ctx.temperature = temperature
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(x, prototypes, labels, index, weighted)

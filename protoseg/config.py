@@ -1,0 +1,216 @@
+"""Experiment configuration: dataclasses filled from one flat YAML file.
+
+A YAML file has the sections `model`, `data` and `train` (plus `name` and `output_dir`) and may
+name ONE `base:` file (relative to itself) whose values it overrides; the base must not have a
+base of its own. Unknown keys and values of the wrong type are errors naming the file and the
+key. Command-line overrides are `section.key=value`, the value parsed as YAML
+(`train.lr=0.02`, `data.crop_size=[512,1024]`, `model.classifier=softmax`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "hrnet_w48"  # a timm model name (hrnet_*, resnet*, swin_*, convnext_*)
+    pretrained: bool = False  # timm's pretrained weights (needs network access)
+    backbone_checkpoint: str = ""  # local backbone weights (a timm state dict); "" for none
+    output_stride: int = 8  # ResNet only: dilate the last stages to reach this stride
+    decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet
+    decoder_channels: int = 720  # width of the decoder output (the paper: 720 for HRNet-W48)
+    dropout: float = 0.1
+    classifier: str = "prototype"  # prototype or softmax (1x1 conv)
+    proj_dim: int = 720  # prototype embedding dimension D
+    num_prototypes: int = 10  # M per class
+    momentum: float = 0.999  # gamma of the prototype moving average
+    temperature: float = 0.1  # PPC temperature (the released code: 1.0)
+    sinkhorn_iterations: int = 3
+    sinkhorn_epsilon: float = 0.05
+    prototype_impl: str = "fused"  # fused (torch.ops.protoseg) or reference (pure PyTorch)
+    update_assignment: str = "argmax"  # argmax, or gumbel as the released code
+    # Under several ranks: "global" all-reduces the Sinkhorn marginals / the update's sums;
+    # "local" reproduces the released code (per-GPU Sinkhorn; per-rank update, then averaging).
+    sinkhorn_scope: str = "global"
+    update_scope: str = "global"
+    legacy_width_norm: bool = False  # released code: L2-normalise the projection along width
+    sync_bn: bool = True  # SyncBatchNorm under DDP on GPUs
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digitscenes"  # digitscenes, cityscapes, ade20k, coco_stuff, folder
+    root: str = "data/digitscenes"
+    train_split: str = "train"
+    val_split: str = "val"
+    # Evaluate on any images/labels folder instead of the val split (both set, or neither).
+    val_images: str = ""
+    val_labels: str = ""
+    num_classes: int = 11
+    ignore_index: int = 255
+    crop_size: list[int] = field(default_factory=lambda: [64, 64])  # [height, width]
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    photometric: bool = True
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    eval_batch_size: int = 1  # images of different sizes need 1
+    num_workers: int = 2
+    on_error: str = "raise"  # raise, or skip (bad samples are dropped and counted)
+    # DigitScenes generation (only read when dataset is digitscenes).
+    scenes_train: int = 2000
+    scenes_val: int = 300
+    scene_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 80000
+    batch_size: int = 8  # global: divided among the ranks
+    optimizer: str = "sgd"  # sgd or adamw
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    weight_decay: float = 5e-4
+    backbone_lr_mult: float = 1.0
+    poly_power: float = 0.9
+    amp: str = "none"  # none, bf16, or fp16 (with a GradScaler; CUDA only)
+    class_weights: list[float] = field(default_factory=list)  # cross-entropy weights, [] for none
+    ppc_weight: float = 0.01
+    ppd_weight: float = 0.001
+    eval_interval: int = 1000
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    log_interval: int = 20
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    output_dir: str = ""  # "" means runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or os.path.join("runs", self.name)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (and its base), apply `overrides` ("section.key=value"), check everything."""
+    data = _read_yaml(path)
+    if "base" in data:
+        base_path = os.path.join(os.path.dirname(path), str(data.pop("base")))
+        base = _read_yaml(base_path)
+        if "base" in base:
+            raise ConfigError(f"{base_path}: a base config cannot have a base of its own (from {path})")
+        _check_and_merge(base, {}, base_path)
+        data = _check_and_merge(base, data, path)
+    else:
+        data = _check_and_merge({}, data, path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw), f"override {item!r}")
+    return _build(Config, data, path)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "<checkpoint>") -> Config:
+    return _build(Config, data, source)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (got {type(data).__name__})")
+    return data
+
+
+def _check_and_merge(base: dict, update: dict, source: str) -> dict:
+    """Section-wise merge of `update` over `base`; keys are checked later by _build."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    _build(Config, merged, source)  # fail early, naming the file that introduced the error
+    return merged
+
+
+def _set_dotted(data: dict, key: str, value, source: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {part!r} is not a section")
+    node[parts[-1]] = value
+    _build(Config, data, source)
+
+
+def _build(cls, data, source: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
+            f"(known in {prefix.rstrip('.') or 'the top level'}: {', '.join(names)})"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint, value, key = hints[name], data[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, key + ".")
+        else:
+            kwargs[name] = _check_type(hint, value, source, key)
+    return cls(**kwargs)
+
+
+def _check_type(hint, value, source: str, key: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list of {item.__name__}, got {value!r}")
+        return [_check_type(item, v, source, key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value

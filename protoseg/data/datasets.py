@@ -1,0 +1,142 @@
+"""File-based segmentation data sets: (image, label PNG) pairs read with OpenCV.
+
+Every data set, the bundled DigitScenes included, is a list of (image path, label path) pairs
+fed to `SegmentationDataset`. A sample that cannot be used (unreadable image, label of the
+wrong size, a label value outside [0, num_classes) that is not ignore) raises `SampleError`
+naming the file and the value, or, with on_error="skip", is dropped and counted by the loader.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import cv2
+import numpy as np
+from torch.utils.data import Dataset
+
+from protoseg.data import digitscenes
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+]
+
+
+class SampleError(RuntimeError):
+    """A sample that cannot be used; the message names the file."""
+
+
+class SegmentationDataset(Dataset):
+    """Items are `index` or `(index, epoch)`; the per-sample RNG is seeded by (seed, epoch, index).
+
+    Returns (image [3, H, W] float32, label [H, W] int64, index), or None for a bad sample when
+    on_error == "skip".
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform, *,
+                 ignore_index: int = 255, reduce_zero_label: bool = False, on_error: str = "raise",
+                 seed: int = 0):
+        if not pairs:
+            raise ValueError("the data set is empty (no image/label pairs found)")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.pairs = pairs
+        self.num_classes = num_classes
+        self.transform = transform
+        self.ignore_index = ignore_index
+        self.reduce_zero_label = reduce_zero_label
+        self.on_error = on_error
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        try:
+            image, label = self.load(index)
+        except SampleError:
+            if self.on_error == "skip":
+                return None
+            raise
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image, label = self.transform(image, label, rng)
+        return image, label, index
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image [H, W, 3] uint8 RGB, label [H, W] uint8/uint16 class ids), checked."""
+        image_path, label_path = self.pairs[index]
+        image = cv2.imread(image_path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise SampleError(f"cannot read image {image_path} (missing, truncated or not an image)")
+        label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise SampleError(f"cannot read label {label_path} (missing, truncated or not an image)")
+        if label.ndim != 2:
+            raise SampleError(f"label {label_path} must be a single-channel image of class ids "
+                              f"(got shape {list(label.shape)})")
+        if label.shape != image.shape[:2]:
+            raise SampleError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image "
+                              f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+        if self.reduce_zero_label:  # ADE20K: 0 is "other" -> ignore, classes shift down by one
+            label = label.astype(np.int32) - 1
+            label[label < 0] = self.ignore_index
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if bad.any():
+            values = np.unique(label[bad])
+            raise SampleError(f"label {label_path} has value(s) {values[:8].tolist()} outside "
+                              f"[0, {self.num_classes}) that are not ignore ({self.ignore_index})")
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image, label.astype(np.uint8 if self.num_classes < 256 else np.int32)
+
+
+def folder_pairs(images_dir: str, labels_dir: str, label_suffix: str = ".png",
+                 image_suffix: str = "") -> list[tuple[str, str]]:
+    """Images under `images_dir` (recursively) with labels at the same relative path under
+    `labels_dir`, the file name's `image_suffix` + extension replaced by `label_suffix`."""
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+    pairs = []
+    for image_path in sorted(glob.glob(os.path.join(images_dir, "**", "*"), recursive=True)):
+        stem, ext = os.path.splitext(os.path.relpath(image_path, images_dir))
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if image_suffix and stem.endswith(image_suffix):
+            stem = stem[: -len(image_suffix)]
+        label_path = os.path.join(labels_dir, stem + label_suffix)
+        if not os.path.exists(label_path):
+            raise FileNotFoundError(f"no label {label_path} for image {image_path}")
+        pairs.append((image_path, label_path))
+    if not pairs:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images_dir}")
+    return pairs
+
+
+def dataset_pairs(dataset: str, root: str, split: str) -> list[tuple[str, str]]:
+    """The (image, label) pairs of a split of a known data set layout."""
+    if dataset in ("digitscenes", "folder"):
+        return folder_pairs(os.path.join(root, "images", split), os.path.join(root, "labels", split))
+    if dataset == "cityscapes":  # labels converted with cityscapesscripts' createTrainIdLabelImgs
+        return folder_pairs(os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split),
+                            label_suffix="_gtFine_labelTrainIds.png", image_suffix="_leftImg8bit")
+    if dataset == "ade20k":  # ADEChallengeData2016
+        sub = {"train": "training", "val": "validation"}.get(split, split)
+        return folder_pairs(os.path.join(root, "images", sub), os.path.join(root, "annotations", sub))
+    if dataset == "coco_stuff":  # COCO-Stuff-164k with mmseg's *_labelTrainIds.png (171 classes)
+        sub = {"train": "train2017", "val": "val2017"}.get(split, split)
+        return folder_pairs(os.path.join(root, "images", sub), os.path.join(root, "annotations", sub),
+                            label_suffix="_labelTrainIds.png")
+    raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, coco_stuff or folder "
+                     f"(got {dataset!r})")
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    if dataset == "digitscenes" and num_classes == len(digitscenes.CLASS_NAMES):
+        return list(digitscenes.CLASS_NAMES)
+    if dataset == "cityscapes" and num_classes == len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES)
+    return [f"class_{k}" for k in range(num_classes)]

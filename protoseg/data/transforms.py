@@ -1,0 +1,96 @@
+"""OpenCV transforms on (image [H, W, 3] uint8/float32 RGB, label [H, W] uint8) pairs.
+
+Every random transform takes an explicit `np.random.Generator`; the dataset derives one per
+sample from (seed, epoch, index), so augmentation does not depend on worker processes or on
+global RNG state and a resumed run sees exactly the samples of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainTransform:
+    """Random scale, crop with ignore padding, horizontal flip, photometric jitter, normalise."""
+
+    crop_size: tuple[int, int]  # (height, width)
+    scale_range: tuple[float, float]
+    flip: bool
+    photometric: bool
+    mean: np.ndarray  # [3] RGB, 0-255
+    std: np.ndarray
+    ignore_index: int = 255
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        image, label = random_scale(image, label, self.scale_range, rng)
+        image, label = random_crop(image, label, self.crop_size, self.mean, self.ignore_index, rng)
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        return to_tensors(image, label, self.mean, self.std)
+
+
+@dataclass
+class EvalTransform:
+    """Whole-image inference: normalise only."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
+        return to_tensors(image, label, self.mean, self.std)
+
+
+def random_scale(image, label, scale_range, rng):
+    scale = rng.uniform(*scale_range)
+    h, w = label.shape
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))  # cv2 wants (w, h)
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    return image, label
+
+
+def random_crop(image, label, crop_size, mean, ignore_index, rng):
+    """Crop (height, width); smaller images are padded with the mean colour and ignore."""
+    ch, cw = crop_size
+    h, w = label.shape
+    if h < ch or w < cw:
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        image = cv2.copyMakeBorder(np.ascontiguousarray(image), 0, ph, 0, pw, cv2.BORDER_CONSTANT,
+                                   value=[float(v) for v in mean])
+        label = cv2.copyMakeBorder(np.ascontiguousarray(label), 0, ph, 0, pw, cv2.BORDER_CONSTANT,
+                                   value=ignore_index)
+        h, w = label.shape
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+def photometric_distortion(image, rng):
+    """Brightness, contrast, saturation and hue jitter, each applied with probability 1/2."""
+    image = image.astype(np.float32)
+    if rng.random() < 0.5:
+        image = image + rng.uniform(-32, 32)
+    if rng.random() < 0.5:
+        image = image * rng.uniform(0.5, 1.5)
+    image = np.clip(image, 0, 255)
+    do_saturation, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_saturation or do_hue:
+        hsv = cv2.cvtColor(image / 255.0, cv2.COLOR_RGB2HSV)  # float: H in [0, 360), S, V in [0, 1]
+        if do_saturation:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
+        if do_hue:
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-36, 36)) % 360
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+    return image
+
+
+def to_tensors(image, label, mean, std):
+    image = (np.asarray(image, np.float32) - mean) / std
+    image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return image, torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))

@@ -1,0 +1,110 @@
+"""Atomic checkpoints and resumption with fallback past a damaged newest file.
+
+Files in the run folder: iter_<iteration:07d>.pth (the last `keep` are kept) and
+checkpoint_last.pth, a symbolic link to the newest.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"iter_(\d+)\.pth$")
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    random.setstate(_to_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_tensors(state):
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_tensors(s):
+    return s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state: dict, run_dir: str, iteration: int, keep: int = 3) -> str:
+    path = os.path.join(run_dir, f"iter_{iteration:07d}.pth")
+    atomic_save(state, path)
+    link = os.path.join(run_dir, "checkpoint_last.pth")
+    tmp_link = link + ".tmp"
+    if os.path.lexists(tmp_link):
+        os.remove(tmp_link)
+    os.symlink(os.path.basename(path), tmp_link)
+    os.replace(tmp_link, link)
+    for old in list_checkpoints(run_dir)[keep:]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """iter_*.pth in `run_dir`, newest first."""
+    paths = [p for p in glob.glob(os.path.join(run_dir, "iter_*.pth")) if _NAME.search(p)]
+    return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)), reverse=True)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint file (tensors and plain data only: weights_only)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise RuntimeError(f"{path} is not a protoseg checkpoint (no 'model' entry)")
+    return state
+
+
+def load_latest(run_dir: str, log=print) -> tuple[dict, str] | tuple[None, None]:
+    """The newest checkpoint in `run_dir` that loads; damaged newer ones are reported and
+    skipped. (None, None) when there is none."""
+    for path in list_checkpoints(run_dir):
+        try:
+            return load_checkpoint(path), path
+        except Exception as e:  # a truncated or corrupt file: any loader error
+            log(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"falling back to the previous one")
+    return None, None

@@ -1,0 +1,104 @@
+"""Decoder heads: multi-scale backbone features -> one feature map [B, C, H/s, W/s].
+
+- HRNetHead (the paper's): all branches upsampled to stride 4 and concatenated, 3x3 conv, BN,
+  ReLU, dropout. Stride 4.
+- FCNHead: two 3x3 conv-BN-ReLU on the last feature map, dropout. Stride of that map (8 for a
+  dilated ResNet).
+- ASPPHead (DeepLabV3): 1x1 and three dilated 3x3 branches plus image pooling on the last
+  feature map, fused by a 1x1 conv, dropout.
+- UperNetHead: pyramid pooling on the last map, FPN over all maps, fused at stride 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _resize(x: Tensor, size) -> Tensor:
+    return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class HRNetHead(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float):
+        super().__init__()
+        self.fuse = conv_bn_relu(sum(in_channels), channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]
+        x = torch.cat([_resize(f, size) for f in features], dim=1)
+        return self.dropout(self.fuse(x))
+
+
+class FCNHead(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float):
+        super().__init__()
+        self.convs = nn.Sequential(conv_bn_relu(in_channels[-1], channels), conv_bn_relu(channels, channels))
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.dropout(self.convs(features[-1]))
+
+
+class ASPPHead(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, rates=(12, 24, 36)):
+        super().__init__()
+        cin = in_channels[-1]
+        self.branches = nn.ModuleList([conv_bn_relu(cin, channels, 1)] +
+                                      [conv_bn_relu(cin, channels, 3, r) for r in rates])
+        self.pool = conv_bn_relu(cin, channels, 1)
+        self.project = conv_bn_relu(channels * (len(rates) + 2), channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        pooled = self.pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
+        x = torch.cat([b(x) for b in self.branches] + [pooled], dim=1)
+        return self.dropout(self.project(x))
+
+
+class UperNetHead(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.pool_scales = pool_scales
+        self.ppm = nn.ModuleList([conv_bn_relu(in_channels[-1], channels, 1) for _ in pool_scales])
+        self.ppm_fuse = conv_bn_relu(in_channels[-1] + channels * len(pool_scales), channels)
+        self.laterals = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in in_channels[:-1]])
+        self.fpn = nn.ModuleList([conv_bn_relu(channels, channels) for _ in in_channels[:-1]])
+        self.fuse = conv_bn_relu(channels * len(in_channels), channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        top = features[-1]
+        pyramid = [top] + [_resize(conv(F.adaptive_avg_pool2d(top, s)), top.shape[-2:])
+                           for s, conv in zip(self.pool_scales, self.ppm)]
+        levels = [lateral(f) for lateral, f in zip(self.laterals, features[:-1])]
+        levels.append(self.ppm_fuse(torch.cat(pyramid, dim=1)))
+        for i in range(len(levels) - 1, 0, -1):  # top-down pathway
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        outs = [fpn(level) for fpn, level in zip(self.fpn, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        return self.dropout(self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1)))
+
+
+DECODERS = {"hrnet": HRNetHead, "fcn": FCNHead, "aspp": ASPPHead, "upernet": UperNetHead}
+
+
+def build_decoder(name: str, in_channels: list[int], channels: int, dropout: float) -> nn.Module:
+    if name not in DECODERS:
+        raise ValueError(f"model.decoder must be one of {sorted(DECODERS)} (got {name!r})")
+    return DECODERS[name](in_channels, channels, dropout)

@@ -1,0 +1,110 @@
+"""The segmentor: backbone -> decoder -> softmax or prototype classifier -> logits at image size."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protoseg.config import Config
+from protoseg.models.backbones import Backbone
+from protoseg.models.decoders import build_decoder
+from protoseg.models.prototype import PrototypeClassifier
+
+
+class ProjectionHead(nn.Module):
+    """1x1 conv, BN, ReLU, 1x1 conv to the embedding dimension D.
+
+    `legacy_width_norm` reproduces the released code, which L2-normalises the [B, D, H, W]
+    output along dim=-1, i.e. along the image WIDTH rather than the channels. The corrected
+    head does not normalise here at all: the classifier LayerNorms and L2-normalises each
+    pixel's embedding itself.
+    """
+
+    def __init__(self, cin: int, dim: int, legacy_width_norm: bool = False):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cin, dim, 1))
+        self.legacy_width_norm = legacy_width_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        return F.normalize(x, p=2, dim=-1) if self.legacy_width_norm else x
+
+
+class Segmentor(nn.Module):
+    """forward(images [B, 3, H, W], labels [B, H, W] int64 | None) -> dict with
+    "logits" [B, K, H, W] (upsampled bilinearly to the image), and in training mode with the
+    prototype classifier and labels given, "ppc" and "ppd" (scalars)."""
+
+    def __init__(self, backbone: Backbone, decoder: nn.Module, num_classes: int, *,
+                 classifier: str = "prototype", proj_dim: int = 720, legacy_width_norm: bool = False,
+                 ignore_index: int = 255, prototype_kwargs: dict | None = None):
+        super().__init__()
+        if classifier not in ("prototype", "softmax"):
+            raise ValueError(f"model.classifier must be 'prototype' or 'softmax' (got {classifier!r})")
+        self.backbone, self.decoder = backbone, decoder
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.uses_prototypes = classifier == "prototype"
+        if self.uses_prototypes:
+            self.projection = ProjectionHead(decoder.out_channels, proj_dim, legacy_width_norm)
+            self.classifier = PrototypeClassifier(proj_dim, num_classes, ignore_index=ignore_index,
+                                                  **(prototype_kwargs or {}))
+        else:
+            self.classifier = nn.Conv2d(decoder.out_channels, num_classes, 1)
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        x = self.decoder(self.backbone(images))
+        out = {}
+        if not self.uses_prototypes:
+            logits = self.classifier(x)
+        else:
+            e = self.projection(x)
+            b, d, h, w = e.shape
+            pixels = e.permute(0, 2, 3, 1).reshape(-1, d)
+            if self.training and labels is not None:
+                # Labels at feature resolution, nearest neighbour (ignore stays ignore).
+                target = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")
+                scores, out["ppc"], out["ppd"] = self.classifier(pixels, target.long().view(-1))
+            else:
+                scores = self.classifier(pixels)
+            logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
+        out["logits"] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
+def compute_loss(out: dict[str, Tensor], labels: Tensor, *, ignore_index: int = 255,
+                 class_weights: Tensor | None = None, ppc_weight: float = 0.01,
+                 ppd_weight: float = 0.001) -> tuple[Tensor, dict[str, Tensor]]:
+    """seg cross-entropy (+ ppc_weight * PPC + ppd_weight * PPD when present).
+
+    Returns (total, terms) where terms maps "seg", "ppc", "ppd" to detached scalars."""
+    seg = F.cross_entropy(out["logits"].float(), labels, weight=class_weights, ignore_index=ignore_index)
+    total, terms = seg, {"seg": seg.detach()}
+    if "ppc" in out:
+        total = total + ppc_weight * out["ppc"] + ppd_weight * out["ppd"]
+        terms.update(ppc=out["ppc"].detach(), ppd=out["ppd"].detach())
+    return total, terms
+
+
+def build_model(cfg: Config) -> Segmentor:
+    m, d = cfg.model, cfg.data
+    backbone = Backbone(m.backbone, pretrained=m.pretrained, checkpoint=m.backbone_checkpoint,
+                        output_stride=m.output_stride, img_size=tuple(d.crop_size))
+    decoder = build_decoder(m.decoder, backbone.channels, m.decoder_channels, m.dropout)
+    prototype_kwargs = dict(
+        num_prototypes=m.num_prototypes, momentum=m.momentum, temperature=m.temperature,
+        sinkhorn_iterations=m.sinkhorn_iterations, sinkhorn_epsilon=m.sinkhorn_epsilon,
+        impl=m.prototype_impl, update_assignment=m.update_assignment,
+        sinkhorn_scope=m.sinkhorn_scope, update_scope=m.update_scope,
+    )
+    return Segmentor(backbone, decoder, d.num_classes, classifier=m.classifier, proj_dim=m.proj_dim,
+                     legacy_width_norm=m.legacy_width_norm, ignore_index=d.ignore_index,
+                     prototype_kwargs=prototype_kwargs)
+
+
+def backbone_parameters(model: Segmentor) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone parameters, all others), for the backbone learning-rate multiplier."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in backbone]
+    return list(model.backbone.parameters()), rest
+

@@ -1,0 +1,109 @@
+"""Fake (meta) kernels of every protoseg op: output shapes and dtypes for torch.compile,
+opcheck and meta tensors. csrc/protoseg.cpp names this module (set_python_module), so every
+fake kernel is registered here. They repeat the C++ checks that do not read tensor values
+(ranks, sizes, dtypes, devices), with the same messages naming the argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(cond, message: str) -> None:
+    torch._check(cond, lambda: message)
+
+
+def _same_device(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    _check(t.device == ref.device, f"{name} must be on the same device as {ref_name} (got {t.device} and {ref.device})")
+
+
+def _embeddings(x: Tensor, prototypes: Tensor | None = None) -> None:
+    _check(x.dim() == 2, f"x must be [N, D] (got {list(x.shape)})")
+    _check(x.dtype.is_floating_point, f"x must be float16, bfloat16, float32 or float64 (got {x.dtype})")
+    if prototypes is not None:
+        _check(
+            prototypes.dim() == 3 and prototypes.shape[2] == x.shape[1],
+            f"prototypes must be [K, M, D] with D == x.size(1) (got {list(prototypes.shape)} and x {list(x.shape)})",
+        )
+        _check(prototypes.dtype == x.dtype, f"prototypes must have the dtype of x (got {prototypes.dtype} and x {x.dtype})")
+        _same_device(prototypes, x, "prototypes", "x")
+
+
+def _index_vector(t: Tensor, name: str, x: Tensor, x_name: str = "x") -> None:
+    _check(t.dtype == torch.int64, f"{name} must be int64 (got {t.dtype})")
+    _check(t.dim() == 1 and t.shape[0] == x.shape[0], f"{name} must be [N] with N == {x_name}.size(0)")
+    _same_device(t, x, name, x_name)
+
+
+@torch.library.register_fake("protoseg::proto_similarity")
+def _(x, prototypes):
+    _embeddings(x, prototypes)
+    n, k = x.shape[0], prototypes.shape[0]
+    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64)
+
+
+@torch.library.register_fake("protoseg::proto_similarity_backward")
+def _(grad_scores, x, prototypes, index):
+    _embeddings(x, prototypes)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("protoseg::proto_contrast_loss")
+def _(x, prototypes, target, temperature, ignore_index):
+    _embeddings(x, prototypes)
+    _index_vector(target, "target", x)
+    return x.new_empty(()), x.new_empty(())
+
+
+@torch.library.register_fake("protoseg::proto_contrast_loss_backward")
+def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
+    _embeddings(x, prototypes)
+    _index_vector(target, "target", x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("protoseg::proto_train")
+def _(x, prototypes, labels, temperature):
+    _embeddings(x, prototypes)
+    _index_vector(labels, "labels", x)
+    n, d = x.shape
+    k, m = prototypes.shape[0], prototypes.shape[1]
+    acc = _acc_dtype(x.dtype)
+    return (
+        x.new_empty(n, k),
+        x.new_empty(n, k, dtype=torch.int64),
+        x.new_empty(n, m, dtype=acc),
+        x.new_empty(n, dtype=acc),
+        x.new_empty(n, d, dtype=acc),
+    )
+
+
+@torch.library.register_fake("protoseg::proto_train_backward")
+def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature):
+    _embeddings(x, prototypes)
+    _index_vector(labels, "labels", x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("protoseg::sinkhorn")
+def _(scores, labels, num_classes, iterations, epsilon):
+    _check(scores.dim() == 2, f"scores must be [N, M] (got {list(scores.shape)})")
+    _index_vector(labels, "labels", scores, "scores")
+    return scores.new_empty(scores.shape, dtype=torch.float32), labels.new_empty(labels.shape)
+
+
+@torch.library.register_fake("protoseg::scatter_mean")
+def _(x, index, num_segments):
+    _embeddings(x)
+    _index_vector(index, "index", x)
+    _check(num_segments >= 0, f"num_segments must be >= 0 (got {num_segments})")
+    return x.new_empty(num_segments, x.shape[1]), index.new_empty(num_segments)
+
+
+@torch.library.register_fake("protoseg::scatter_mean_backward")
+def _(grad_mean, index, count):
+    return grad_mean.new_empty(index.shape[0], grad_mean.shape[1])

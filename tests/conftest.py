@@ -1,0 +1,50 @@
+import os
+import sys
+
+import pytest
+import torch  # noqa: F401  (loads libtorch before protoseg's extension)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = """\
+name: tiny
+output_dir: {run}
+model:
+  backbone: hrnet_w18_small
+  decoder_channels: 16
+  dropout: 0.1
+  classifier: {classifier}
+  proj_dim: 16
+  num_prototypes: 2
+data:
+  root: {data}
+  crop_size: [32, 32]
+  scene_size: 32
+  scenes_train: 16
+  scenes_val: 4
+  eval_batch_size: 4
+  num_workers: 0
+train:
+  iterations: 4
+  batch_size: 4
+  lr: 0.01
+  eval_interval: 4
+  checkpoint_interval: 2
+  log_interval: 1
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Write a tiny DigitScenes config (32x32 scenes, a narrow head, 4 iterations); returns a
+    function (classifier="prototype") -> its path. Runs go to tmp_path/run."""
+
+    def write(classifier: str = "prototype") -> str:
+        path = tmp_path / f"tiny_{classifier}.yaml"
+        path.write_text(TINY_CONFIG.format(run=tmp_path / "run", data=tmp_path / "data", classifier=classifier))
+        return str(path)
+
+    return write
+
+
+def tool_command(name: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "tools", name), *args]

@@ -1,0 +1,114 @@
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from protoseg.data import digitscenes
+from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
+from protoseg.data.loader import TrainSampler, collate
+from protoseg.data.transforms import EvalTransform, TrainTransform, random_crop
+
+MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
+
+
+def _write_pair(folder, name, image, label):
+    os.makedirs(folder / "images", exist_ok=True)
+    os.makedirs(folder / "labels", exist_ok=True)
+    cv2.imwrite(str(folder / "images" / f"{name}.png"), image)
+    cv2.imwrite(str(folder / "labels" / f"{name}.png"), label)
+
+
+def _dataset(folder, num_classes=11, **kwargs):
+    pairs = folder_pairs(str(folder / "images"), str(folder / "labels"))
+    return SegmentationDataset(pairs, num_classes, EvalTransform(MEAN, STD), **kwargs)
+
+
+def test_digitscenes_is_deterministic_and_well_formed(tmp_path):
+    assert digitscenes.ensure_digitscenes(str(tmp_path / "a"), 6, 3, 32)
+    assert not digitscenes.ensure_digitscenes(str(tmp_path / "a"), 6, 3, 32)  # already there
+    assert digitscenes.ensure_digitscenes(str(tmp_path / "b"), 6, 3, 32)
+    for split, count in (("train", 6), ("val", 3)):
+        pairs = dataset_pairs("digitscenes", str(tmp_path / "a"), split)
+        assert len(pairs) == count
+        for image_path, label_path in pairs:
+            other = image_path.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+            assert open(image_path, "rb").read() == open(other, "rb").read()
+            image, label = cv2.imread(image_path), cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+            assert image.shape == (32, 32, 3) and label.shape == (32, 32)
+            assert set(np.unique(label)) <= set(range(11)) | {255}
+
+
+def test_digitscenes_train_and_val_use_disjoint_digit_images():
+    train, val = digitscenes.digit_pool(1797, "train"), digitscenes.digit_pool(1797, "val")
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 1797
+
+
+def test_unreadable_image_names_the_file_or_is_skipped_and_counted(tmp_path):
+    _write_pair(tmp_path, "good", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    _write_pair(tmp_path, "bad", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    bad = tmp_path / "images" / "bad.png"
+    bad.write_bytes(bad.read_bytes()[:20])  # truncated
+    with pytest.raises(SampleError, match="bad.png"):
+        _dataset(tmp_path)[0]
+    dataset = _dataset(tmp_path, on_error="skip")
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["skipped"] == 1 and batch["images"].shape == (1, 3, 8, 8)
+
+
+def test_out_of_range_label_names_the_file_and_value(tmp_path):
+    label = np.zeros((8, 8), np.uint8)
+    label[0, 0], label[1, 1] = 17, 255
+    _write_pair(tmp_path, "x", np.zeros((8, 8, 3), np.uint8), label)
+    with pytest.raises(SampleError, match=r"labels/x\.png has value\(s\) \[17\]"):
+        _dataset(tmp_path)[0]
+    assert _dataset(tmp_path, num_classes=18)[0][1][1, 1] == 255  # 255 is ignore, not an error
+
+
+def test_label_of_the_wrong_size_is_an_error(tmp_path):
+    _write_pair(tmp_path, "x", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8))
+    with pytest.raises(SampleError, match="is 9x8 but image"):
+        _dataset(tmp_path)[0]
+
+
+def test_reduce_zero_label_maps_zero_to_ignore(tmp_path):
+    _write_pair(tmp_path, "x", np.zeros((2, 2, 3), np.uint8), np.array([[0, 1], [150, 2]], np.uint8))
+    _, label = _dataset(tmp_path, num_classes=150, reduce_zero_label=True).load(0)
+    assert label.tolist() == [[255, 0], [149, 1]]
+
+
+def test_missing_label_is_reported_at_construction(tmp_path):
+    _write_pair(tmp_path, "x", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8))
+    os.remove(tmp_path / "labels" / "x.png")
+    with pytest.raises(FileNotFoundError, match="no label .*x.png"):
+        folder_pairs(str(tmp_path / "images"), str(tmp_path / "labels"))
+
+
+def test_train_transform_shapes_and_ignore_padding():
+    rng = np.random.default_rng(0)
+    transform = TrainTransform((24, 40), (0.5, 1.5), True, True, MEAN, STD)
+    image, label = transform(np.full((20, 30, 3), 7, np.uint8), np.ones((20, 30), np.uint8), rng)
+    assert image.shape == (3, 24, 40) and image.dtype == torch.float32
+    assert label.shape == (24, 40) and label.dtype == torch.int64
+    assert set(label.unique().tolist()) <= {1, 255}
+    image, label = random_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (4, 4), MEAN, 255, rng)
+    assert (label == 255).sum() == 12 and np.allclose(image[3, 3], MEAN)
+
+
+def test_train_sampler_resumes_and_shards_global_batches():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    full = take(TrainSampler(10, 4, seed=3, rank=0, world_size=1), 4 * 7)
+    assert take(TrainSampler(10, 4, seed=3, rank=0, world_size=1, start_iter=5), 8) == full[20:28]
+    # per epoch: 2 batches of 4 out of 10 samples, no repeats within an epoch
+    assert len({i for i, _ in full[:8]}) == 8 and {e for _, e in full[:8]} == {0}
+    r0 = take(TrainSampler(10, 4, seed=3, rank=0, world_size=2), 2 * 7)
+    r1 = take(TrainSampler(10, 4, seed=3, rank=1, world_size=2), 2 * 7)
+    for j in range(7):
+        assert r0[2 * j:2 * j + 2] + r1[2 * j:2 * j + 2] == full[4 * j:4 * j + 4]
+    with pytest.raises(ValueError, match="divisible"):
+        TrainSampler(10, 3, seed=0, rank=0, world_size=2)

@@ -1,0 +1,160 @@
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from protoseg.config import ConfigError, load_config
+from protoseg.engine import checkpoint as ckpt
+from protoseg.engine import trainer as trainer_module
+from protoseg.engine.distributed import state_fingerprints
+from protoseg.engine.evaluator import SegEvaluator, confusion_matrix, metrics_from_confusion
+from protoseg.engine.trainer import NonFiniteLoss, train
+
+
+# ---------------------------------------------------------------- evaluator
+
+def test_confusion_matrix_and_metrics_match_a_hand_computation():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm = confusion_matrix(pred, label, num_classes=4)
+    # rows = truth, columns = prediction; the ignore pixel (255) is left out
+    assert cm.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    r = metrics_from_confusion(cm, ["a", "b", "c", "d"])
+    iou = {"a": 1 / 4, "b": 2 / 4, "c": 1 / 2}  # tp / (gt + pred - tp)
+    for name, value in iou.items():
+        assert r["IoU"][name] == pytest.approx(value)
+    assert math.isnan(r["IoU"]["d"])  # in neither truth nor prediction: left out of the mean
+    assert r["mIoU"] == pytest.approx(sum(iou.values()) / 3)
+    assert r["mAcc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+    assert r["aAcc"] == pytest.approx(4 / 7)
+    evaluator = SegEvaluator(4, ["a", "b", "c", "d"])
+    evaluator.process(pred[:1], label[:1])
+    evaluator.process(pred[1:], label[1:])
+    assert evaluator.cm.tolist() == cm.tolist()
+
+
+def test_confusion_matrix_rejects_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([7]), num_classes=4)
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_base_overrides_and_errors(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: b\nmodel:\n  proj_dim: 32\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: c\ntrain:\n  iterations: 7\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["train.lr=2", "data.crop_size=[8,16]"])
+    assert (cfg.name, cfg.model.proj_dim, cfg.train.iterations) == ("c", 32, 7)
+    assert cfg.train.lr == 2.0 and isinstance(cfg.train.lr, float) and cfg.data.crop_size == [8, 16]
+    (tmp_path / "typo.yaml").write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key\(s\) train.lrr"):
+        load_config(str(tmp_path / "typo.yaml"))
+    with pytest.raises(ConfigError, match="train.iterations must be int"):
+        load_config(str(tmp_path / "child.yaml"), ["train.iterations=1.5"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(str(tmp_path / "child.yaml"), ["model.nope=1"])
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="cannot have a base"):
+        load_config(str(tmp_path / "grandchild.yaml"))
+
+
+def test_every_shipped_config_loads():
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    names = sorted(n for n in os.listdir(root) if n.endswith(".yaml"))
+    assert "digitscenes_protoseg.yaml" in names
+    for name in names:
+        load_config(os.path.join(root, name))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_atomic_save_and_fallback_past_a_truncated_checkpoint(tmp_path):
+    for it in (1, 2, 3):
+        ckpt.save_checkpoint({"model": {"w": torch.full((4,), float(it))}, "iteration": it}, str(tmp_path), it, keep=2)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["iter_0000003.pth",
+                                                                                   "iter_0000002.pth"]
+    assert os.readlink(tmp_path / "checkpoint_last.pth") == "iter_0000003.pth"
+    assert not [n for n in os.listdir(tmp_path) if "tmp" in n]
+    newest = tmp_path / "iter_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[:100])
+    messages = []
+    state, path = ckpt.load_latest(str(tmp_path), log=messages.append)
+    assert state["iteration"] == 2 and path.endswith("iter_0000002.pth")
+    assert "iter_0000003.pth is unreadable" in messages[0] and "falling back" in messages[0]
+
+
+def test_fingerprint_sees_a_single_bit():
+    model = torch.nn.Linear(3, 2)
+    _, before = state_fingerprints(model)
+    with torch.no_grad():
+        model.weight.view(-1)[4] = torch.nextafter(model.weight.view(-1)[4], torch.tensor(1.0))
+    _, after = state_fingerprints(model)
+    assert (before != after).tolist() == [True, False]
+
+
+# ---------------------------------------------------------------- training
+
+def _load(run_dir, name):
+    return torch.load(os.path.join(run_dir, name), weights_only=True)
+
+
+def _assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(tiny_config, tmp_path):
+    path = tiny_config()
+    assert train(load_config(path, [f"output_dir={tmp_path}/full"])) == "finished"
+    half = [f"output_dir={tmp_path}/half"]
+    assert train(load_config(path, half), stop_after=2) == "stopped"
+    assert train(load_config(path, half), resume="auto") == "finished"
+    full, resumed = _load(tmp_path / "full", "iter_0000004.pth"), _load(tmp_path / "half", "iter_0000004.pth")
+    _assert_states_equal(full["model"], resumed["model"])
+    assert "classifier.prototypes" in full["model"]
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    # and the prototypes did move
+    first = _load(tmp_path / "full", "iter_0000002.pth")["model"]["classifier.prototypes"]
+    assert not torch.equal(first, full["model"]["classifier.prototypes"])
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_module.compute_loss
+
+    def poisoned(out, labels, **kwargs):
+        calls["n"] += 1
+        loss, terms = real(out, labels, **kwargs)
+        return (loss * float("nan"), terms) if calls["n"] == 3 else (loss, terms)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", poisoned)
+    cfg = load_config(tiny_config())
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3: loss=nan \(seg=.*, ppc=.*, ppd=.*\)"):
+        train(cfg)
+    # the checkpoint of iteration 2 is the newest: nothing was saved after the bad step
+    assert os.path.basename(ckpt.list_checkpoints(cfg.run_dir)[0]) == "iter_0000002.pth"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_module.compute_loss
+
+    def terminated(out, labels, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(out, labels, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", terminated)
+    cfg = load_config(tiny_config(), ["train.checkpoint_interval=100"])
+    previous = signal.getsignal(signal.SIGTERM)
+    assert train(cfg) == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+    assert _load(cfg.run_dir, "checkpoint_last.pth")["iteration"] == 1
