@@ -52,3 +52,18 @@ def test_emulated_kernels_have_no_data_race(tmp_path):
     assert "ThreadSanitizer" not in report, report[-20000:]
     assert res.returncode == 0, report[-20000:]
     assert report.startswith("OK"), report
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _compiler() is None, reason="needs g++ on Linux")
+def test_tsan_sees_a_missing_syncthreads(tmp_path):
+    """Negative control: the same executor under TSan reports a kernel that reads a neighbour's
+    shared-memory slot without __syncthreads, and stays quiet once the barrier is there."""
+    exe = str(tmp_path / "tsan_control")
+    cmd = [_compiler(), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread",
+           "-I", os.path.join(ROOT, "csrc"), "-I", EMU, os.path.join(EMU, "tsan_control.cpp"), "-o", exe]
+    subprocess.run(cmd, check=True)
+    env = dict(os.environ, TSAN_OPTIONS="exitcode=66")
+    race = subprocess.run([exe, "race"], capture_output=True, text=True, env=env, timeout=300)
+    assert "WARNING: ThreadSanitizer: data race" in race.stderr and race.returncode == 66, race.stderr[-4000:]
+    clean = subprocess.run([exe, "sync"], capture_output=True, text=True, env=env, timeout=300)
+    assert "ThreadSanitizer" not in clean.stderr and clean.returncode == 0, clean.stderr[-4000:]
