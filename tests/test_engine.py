@@ -188,3 +188,11 @@ def test_bf16_autocast_trains(tiny_config):
     assert train(cfg) == "finished"
     state = torch.load(os.path.join(cfg.run_dir, "checkpoint_last.pth"), weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_config, tmp_path):
+    cfg = load_config(tiny_config())
+    os.makedirs(cfg.run_dir)
+    ckpt.save_checkpoint({"model": {}, "iteration": 9}, cfg.run_dir, 9)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
