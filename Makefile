@@ -30,6 +30,8 @@ build: $(STAMP)
 
 test: build
 	$(PY) -m pytest -q tests
+	# The benchmarks at toy sizes: they still check agreement and must keep running.
+	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 $(PY) -m pytest -q benchmarks
 
 # The CUDA checks alone (no GPU needed): cubins, CUDA registrations, spills, the kernels on the
 # CPU grid executor, ThreadSanitizer. `make test` runs them too.
@@ -37,6 +39,7 @@ test-cuda: build
 	$(PY) -m pytest -q tests/test_cuda_build.py tests/test_emulated.py tests/test_emulated_tsan.py tests/test_cuda.py
 
 demo: build
+	rm -rf runs/digitscenes_protoseg
 	$(PY) tools/train.py configs/digitscenes_protoseg.yaml
 	$(PY) tools/test.py configs/digitscenes_protoseg.yaml runs/digitscenes_protoseg/checkpoint_last.pth \
 		--save-pred runs/digitscenes_protoseg/predictions --limit 32

@@ -158,3 +158,41 @@ def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch):
     assert train(cfg) == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
     assert _load(cfg.run_dir, "checkpoint_last.pth")["iteration"] == 1
+
+
+def test_optimizers_and_backbone_lr_multiplier():
+    from protoseg.config import Config
+    from protoseg.engine.trainer import build_optimizer, poly_schedule
+    from protoseg.models.segmentor import build_model
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.decoder, cfg.model.classifier = "resnet18", "fcn", "softmax"
+    cfg.model.decoder_channels = 8
+    cfg.train.lr, cfg.train.backbone_lr_mult, cfg.train.optimizer = 0.1, 0.25, "adamw"
+    optimizer = build_optimizer(cfg, build_model(cfg))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.025, 0.1]
+    scheduler = poly_schedule(optimizer, total=10, power=1.0)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.05)
+    cfg.train.optimizer = "lamb"
+    with pytest.raises(ValueError, match="train.optimizer"):
+        build_optimizer(cfg, build_model(cfg))
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains(tiny_config):
+    cfg = load_config(tiny_config(), ["train.amp=bf16", "train.iterations=2", "train.eval_interval=2"])
+    assert train(cfg) == "finished"
+    state = torch.load(os.path.join(cfg.run_dir, "checkpoint_last.pth"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_config, tmp_path):
+    cfg = load_config(tiny_config())
+    os.makedirs(cfg.run_dir)
+    ckpt.save_checkpoint({"model": {}, "iteration": 9}, cfg.run_dir, 9)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)

@@ -39,6 +39,9 @@ def main() -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

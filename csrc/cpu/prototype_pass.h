@@ -162,6 +162,7 @@ void prototype_pass(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_cl
         }
         if (out.lse) {
           acc_t mx = s[0];
+#pragma omp simd reduction(max : mx)
           for (int64_t j = 1; j < km; ++j) mx = std::max(mx, s[j]);
           // The row sum runs over up to K*M exps: accumulate in double (a float32 sum of
           // 36000 terms loses ~20x the precision of torch.logsumexp).

@@ -68,6 +68,9 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
     main = rank == 0
     t, d = cfg.train, cfg.data
     run_dir = cfg.run_dir
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints of a run: continue it with --resume, "
+                              f"or set output_dir (or remove the folder) to start afresh")
     if main:
         os.makedirs(run_dir, exist_ok=True)
         prepare_data(cfg)
@@ -104,15 +107,15 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
         elif main:
             log(f"no checkpoint in {run_dir}: starting from scratch")
     if start_iter >= t.iterations:
-        log(f"nothing to do: already at iteration {start_iter} of {t.iterations}")
+        if main:
+            log(f"nothing to do: already at iteration {start_iter} of {t.iterations}")
         return "finished"
 
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
-    # Stop requests are honoured at the next step boundary. Installed before the loader
-    # starts its workers, which inherit it and so survive a SIGTERM sent to the whole group.
+    # Stop requests are honoured at the next step boundary (loader workers ignore them).
     stop = {"signal": 0}
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}

@@ -234,7 +234,9 @@ class PrototypeClassifier(nn.Module):
         pred_seg = torch.max(out_seg, 1)[1]
         mask = gt_seg == pred_seg
         contrast_logits = torch.mm(_c, protos.view(-1, d).t())
-        contrast_target = gt_seg.clone().float()
+        # The released code leaves ignored pixels at 255 here, which collides with prototype 255
+        # once K*M > 255; -1 keeps the transcription right for any vocabulary.
+        contrast_target = torch.where(gt_seg == self.ignore_index, -1, gt_seg).float()
         with torch.no_grad():
             new = protos.clone()
             for c in range(k):
@@ -262,8 +264,8 @@ class PrototypeClassifier(nn.Module):
                 dist.all_reduce(self.prototypes)
                 self.prototypes.div_(_world_size())
 
-        ppc = F.cross_entropy(contrast_logits / self.temperature, contrast_target.long(), ignore_index=self.ignore_index)
-        keep = contrast_target != self.ignore_index
+        ppc = F.cross_entropy(contrast_logits / self.temperature, contrast_target.long(), ignore_index=-1)
+        keep = contrast_target != -1
         logits = torch.gather(contrast_logits[keep], 1, contrast_target[keep][:, None].long())
         ppd = (1 - logits).pow(2).mean()
         return out_seg, ppc, ppd
