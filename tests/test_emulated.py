@@ -20,7 +20,7 @@ import protoseg.ops  # noqa: F401  (registers the CPU ops)
 from protoseg.ops import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulated"))
-import build as emulated_build  # noqa: E402
+import emulated_module  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -28,7 +28,7 @@ ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bf
 
 @pytest.fixture(scope="module")
 def emu():
-    module = emulated_build.load()
+    module = emulated_module.load()
     module.set_tile_budget(1 << 25)
     return module
 

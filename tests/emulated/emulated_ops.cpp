@@ -1,6 +1,6 @@
 // Test-only Python module: every protoseg op's CUDA launch sequence (csrc/cuda/launchers.h) and
 // kernels (csrc/cuda/*.cuh), run on CPU tensors by the CPU grid executor. Built by
-// tests/emulated/build.py with torch.utils.cpp_extension.load. Not registered with the
+// tests/emulated/emulated_module.py with torch.utils.cpp_extension.load. Not registered with the
 // dispatcher (the real CUDA kernels are), just plain functions.
 #include <torch/extension.h>
 
