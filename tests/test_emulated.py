@@ -350,6 +350,7 @@ def test_larger_grids(emu):
 
 EXPECTED_KERNELS = [
     "NormalizeParams<float>", "EpilogueParams<float>", "ScaleRowsParams<float>", "GradParams<float>",
+    "GradTileParams<float>",
     "RangeCheckParams", "SegmentKeysParams", "SegmentOffsetsParams", "SegmentReduceParams<double>",
     "SegmentReduceParams<float>", "SinkhornInitParams<float>", "SinkhornScaleParams", "SinkhornStepParams",
     "SinkhornFinishParams", "ContrastPartialsParams<float>", "ContrastFinalizeParams<float>",

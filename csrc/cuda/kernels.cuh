@@ -24,6 +24,7 @@
 #define PROTOSEG_INSTANTIATE_PASS_(T)                                                                             \
   template __global__ void protoseg::cuda::normalize_rows_kernel<T>(protoseg::cuda::NormalizeParams<T>);          \
   template __global__ void protoseg::cuda::pass_epilogue_kernel<T>(protoseg::cuda::EpilogueParams<T>);            \
+  template __global__ void protoseg::cuda::grad_tile_kernel<T>(protoseg::cuda::GradTileParams<T>);             \
   template __global__ void protoseg::cuda::assemble_grad_kernel<T>(protoseg::cuda::GradParams<T>);
 #define PROTOSEG_INSTANTIATE_SCALE_(T) \
   template __global__ void protoseg::cuda::scale_rows_kernel<T>(protoseg::cuda::ScaleRowsParams<T>);

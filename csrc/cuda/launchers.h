@@ -142,26 +142,52 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
   }
 }
 
-// Fills the shape fields of `g` and runs the gradient assembly into grad_x [N, D] contiguous.
+// The terms of the gradient (GradTileParams / GradParams in prototype_pass.cuh); null
+// pointers contribute nothing.
+template <class scalar_t>
+struct GradTerms {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* grad_scores = nullptr;
+  const int64_t* index = nullptr;
+  const acc* grad_own = nullptr;
+  const int64_t* labels = nullptr;
+  const acc* coef_target = nullptr;
+  const int64_t* target = nullptr;
+  const acc* grad_lse = nullptr;
+  const acc* weighted = nullptr;
+  double temperature = 1.0;
+};
+
+// grad_x [N, D] contiguous, per chunk of rows: coefficients into the [rows, K*M] tile, one
+// cuBLAS GEMM with p_hat, then the `weighted` term and the normalisation backward.
 template <class Exec, class scalar_t>
 void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
-                     GradParams<scalar_t> g, const at::Tensor& grad_x) {
+                     const GradTerms<scalar_t>& g, const at::Tensor& grad_x) {
   using acc = acc_t<scalar_t>;
-  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
-  const size_t smem = static_cast<size_t>(d) * sizeof(acc);
-  TORCH_CHECK(smem <= 48 * 1024, "x must have at most ", 48 * 1024 / sizeof(acc), " channels on CUDA for ",
-              x.scalar_type(), " (got D = ", d, ")");
-  g.x = x.data_ptr<scalar_t>();
-  g.n = n;
-  g.d = d;
-  g.sx0 = x.stride(0);
-  g.sx1 = x.stride(1);
-  g.p_hat = p_hat.data_ptr<acc>();
-  g.num_classes = k_classes;
-  g.num_prototypes = m_protos;
-  g.grad_x = grad_x.data_ptr<scalar_t>();
-  ex.launch(assemble_grad_kernel<scalar_t>, grid_for(n, 1), kGradThreads, smem, g);
+  const bool tile_terms = g.grad_scores != nullptr || g.grad_own != nullptr || g.coef_target != nullptr;
+  const int64_t rows = chunk_rows(n, km, ex.tile_budget);
+  at::Tensor tile, tile_grad;
+  if (tile_terms) {
+    tile = at::empty({rows, km}, p_hat.options());
+    tile_grad = at::empty({rows, d}, p_hat.options());
+  }
+  constexpr int kRows = kGradTileThreads / kWarpSize;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t r = std::min(rows, n - start);
+    if (tile_terms) {
+      GradTileParams<scalar_t> tp{tile.data_ptr<acc>(), r, start, k_classes, m_protos, g.grad_scores, g.index,
+                                  g.grad_own, g.labels, g.coef_target, g.target};
+      ex.launch(grad_tile_kernel<scalar_t>, grid_for(r, kRows), kGradTileThreads, 0, tp);
+      at::Tensor out_view = tile_grad.narrow(0, 0, r);
+      at::mm_out(out_view, tile.narrow(0, 0, r), p_hat);
+    }
+    GradParams<scalar_t> gp{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1), r, start,
+                            tile_terms ? tile_grad.data_ptr<acc>() : nullptr, g.grad_lse, g.weighted,
+                            static_cast<acc>(1.0 / g.temperature), grad_x.data_ptr<scalar_t>()};
+    ex.launch(assemble_grad_kernel<scalar_t>, grid_for(r, 1), kGradThreads, 0, gp);
+  }
 }
 
 // ==== proto_similarity ===========================================================================
@@ -202,10 +228,9 @@ at::Tensor proto_similarity_backward(Exec& ex, const at::Tensor& grad_scores, co
   check_range_device(ex, idx, m, "index", "M", false, 0, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_similarity_backward_cuda", [&] {
     const at::Tensor p_hat = normalized_prototypes<Exec, scalar_t>(ex, prototypes);
-    GradParams<scalar_t> terms{};
+    GradTerms<scalar_t> terms;
     terms.grad_scores = g.data_ptr<scalar_t>();
     terms.index = idx.data_ptr<int64_t>();
-    terms.inv_temperature = 1;
     assemble_grad_x<Exec, scalar_t>(ex, x, p_hat, k, m, terms, grad_x);
   });
   return grad_x;
@@ -296,7 +321,7 @@ at::Tensor proto_train_backward(Exec& ex, const std::optional<at::Tensor>& grad_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_train_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     const at::Tensor p_hat = normalized_prototypes<Exec, scalar_t>(ex, prototypes);
-    GradParams<scalar_t> terms{};
+    GradTerms<scalar_t> terms;
     if (gs.defined()) {
       terms.grad_scores = gs.data_ptr<scalar_t>();
       terms.index = idx.data_ptr<int64_t>();
@@ -309,7 +334,7 @@ at::Tensor proto_train_backward(Exec& ex, const std::optional<at::Tensor>& grad_
       terms.grad_lse = gl.data_ptr<acc>();
       terms.weighted = w.data_ptr<acc>();
     }
-    terms.inv_temperature = static_cast<acc>(1.0 / temperature);
+    terms.temperature = temperature;
     assemble_grad_x<Exec, scalar_t>(ex, x, p_hat, k, m, terms, grad_x);
   });
   return grad_x;
@@ -411,12 +436,12 @@ at::Tensor proto_contrast_loss_backward(Exec& ex, const at::Tensor& grad_ppc, co
               ContrastCoefParams<acc>{logit.data_ptr<acc>(), masked.data_ptr<int64_t>(), n,
                                       g_ppc.data_ptr<double>(), g_ppd.data_ptr<double>(), valid.data_ptr<double>(),
                                       temperature, g_lse.data_ptr<acc>(), coef.data_ptr<acc>()});
-    GradParams<scalar_t> terms{};
+    GradTerms<scalar_t> terms;
     terms.grad_lse = g_lse.data_ptr<acc>();
     terms.weighted = weighted.data_ptr<acc>();
     terms.coef_target = coef.data_ptr<acc>();
     terms.target = masked.data_ptr<int64_t>();
-    terms.inv_temperature = static_cast<acc>(1.0 / temperature);
+    terms.temperature = temperature;
     assemble_grad_x<Exec, scalar_t>(ex, x, p_hat, k, m, terms, grad_x);
   });
   return grad_x;

@@ -11,6 +11,7 @@
 //   PS_DYNAMIC_SHARED(T, name)         the block's dynamic shared memory as T*
 //   threadIdx, blockIdx, blockDim, gridDim
 //   ps::sync_threads()                 __syncthreads
+//   ps::sync_warp()                    __syncwarp (all 32 lanes)
 //   ps::shfl_xor / shfl_down / ballot  full-warp shuffles and ballots (all 32 lanes take part)
 //   ps::atomic_min_u64 / atomic_or     integer atomics (no floating-point atomics anywhere)
 //   ps::exp / log / sqrt / max / min   float and double overloads
@@ -43,6 +44,7 @@ using Dim3 = ::dim3;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 PS_DEVICE void sync_threads() { __syncthreads(); }
+PS_DEVICE void sync_warp() { __syncwarp(kFullMask); }
 template <class T>
 PS_DEVICE T shfl_xor(T v, int lane_mask) {
   return __shfl_xor_sync(kFullMask, v, lane_mask);
@@ -80,6 +82,7 @@ struct Dim3 {
 struct Context {
   virtual ~Context() = default;
   virtual void sync_block() = 0;
+  virtual void sync_warp() = 0;  // a barrier over the calling thread's warp
   // Every lane of the calling thread's warp calls this with its own value; returns the value
   // lane `src_lane` passed (src_lane is in [0, 32)).
   virtual uint64_t warp_exchange(uint64_t bits, unsigned src_lane) = 0;
@@ -122,6 +125,7 @@ using Dim3 = ::ps_emu::Dim3;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 inline void sync_threads() { ::ps_emu::state.context->sync_block(); }
+inline void sync_warp() { ::ps_emu::state.context->sync_warp(); }
 
 template <class T>
 inline T exchange_(T v, unsigned src_lane) {

@@ -1,5 +1,6 @@
 // proto_similarity on CUDA: chunks of pixels through cuBLAS into a bounded tile, reduced by the
-// fused max/argmax epilogue (prototype_pass.cuh); the backward is the gather assembly (no GEMM).
+// fused max/argmax epilogue (prototype_pass.cuh); the backward scatters grad_scores into a tile at
+// the winning prototypes and multiplies it by p_hat (one more cuBLAS GEMM per chunk).
 // The launch sequence is launchers.h, shared with the CPU grid executor used in tests.
 #include "cuda/kernels.cuh"
 

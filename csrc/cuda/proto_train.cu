@@ -1,6 +1,7 @@
 // proto_train on CUDA: the fused training pass. Per chunk: S = x_hat p_hat^T (cuBLAS), one
 // epilogue for max/argmax, own-class scores and the row logsumexp (exp written in place), then
-// the second GEMM softmax(S) p_hat for `weighted`. The backward is the gather assembly.
+// the second GEMM softmax(S) p_hat for `weighted`. The backward is one GEMM per chunk
+// (the gradient coefficients scattered into a [rows, K*M] tile, times p_hat).
 #include "cuda/kernels.cuh"
 
 PROTOSEG_INSTANTIATE_PASS_KERNELS()

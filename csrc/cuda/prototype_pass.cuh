@@ -153,66 +153,95 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kScaleThreads) scale_rows_kernel(ScaleRowsParams
 // ---- gradient assembly ----------------------------------------------------------------------
 //   grad_x_hat[n] = sum_k grad_scores[n,k] p_hat[k*M + index[n,k]]
 //                 + sum_m grad_own[n,m] p_hat[labels[n]*M + m]           (labels in [0, K))
-//                 + grad_lse[n] / temperature * weighted[n]
 //                 + coef_target[n] p_hat[target[n]]                      (target in [0, K*M))
+//                 + grad_lse[n] / temperature * weighted[n]
 //   grad_x[n] = (grad_x_hat - x_hat <grad_x_hat, x_hat>) / ||x||   (or grad_x_hat / eps when
 //   ||x|| <= eps, the clamped branch of F.normalize). Null pointers contribute nothing.
-// One block per pixel row, threads over channels; grad_x_hat is kept in dynamic shared memory
-// ([D] acc_t; each entry is only touched by the thread that owns its channel).
+// The prototype terms are one GEMM per chunk: grad_tile_kernel scatters the coefficients into
+// a [rows, K*M] tile G, cuBLAS forms G p_hat, and assemble_grad_kernel adds the `weighted` term
+// and applies the normalisation backward. (Gathering the K + M prototype rows per pixel instead
+// reads (K + M) * D values per pixel from L2: 88 GB at N = 1M, K*M = 190, D = 720.)
 template <class scalar_t>
-struct GradParams {
+struct GradTileParams {
   using acc = acc_t<scalar_t>;
-  const scalar_t* x;
-  int64_t n, d, sx0, sx1;
-  const acc* p_hat;  // [K*M, D]
-  int64_t num_classes, num_prototypes;
+  acc* tile;  // [rows, K*M]
+  int64_t rows, row0, num_classes, num_prototypes;
   const scalar_t* grad_scores;  // [N, K] contiguous
   const int64_t* index;         // [N, K]
   const acc* grad_own;          // [N, M]
   const int64_t* labels;        // [N]
-  const acc* grad_lse;          // [N]
-  const acc* weighted;          // [N, D]
   const acc* coef_target;       // [N]
   const int64_t* target;        // [N]
+};
+
+constexpr int kGradTileThreads = 256;
+
+// One warp per tile row: zero it, then add the three kinds of coefficients in turn (they can
+// land on the same cell, so the phases are separated by warp barriers; within a phase every
+// lane writes distinct cells).
+template <class scalar_t>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradTileThreads) grad_tile_kernel(GradTileParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kGradTileThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t k_classes = p.num_classes, m_protos = p.num_prototypes, km = k_classes * m_protos;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t n = p.row0 + row;
+    acc* t = p.tile + row * km;
+    for (int64_t j = lane; j < km; j += kWarpSize) t[j] = acc(0);
+    ps::sync_warp();
+    if (p.grad_scores != nullptr) {
+      for (int64_t k = lane; k < k_classes; k += kWarpSize) {
+        const int64_t m = p.index[n * k_classes + k];
+        if (m >= 0 && m < m_protos) t[k * m_protos + m] = static_cast<acc>(p.grad_scores[n * k_classes + k]);
+      }
+    }
+    ps::sync_warp();
+    if (p.grad_own != nullptr) {
+      const int64_t y = p.labels[n];
+      if (y >= 0 && y < k_classes) {
+        for (int64_t m = lane; m < m_protos; m += kWarpSize) t[y * m_protos + m] += p.grad_own[n * m_protos + m];
+      }
+    }
+    ps::sync_warp();
+    if (p.coef_target != nullptr && lane == 0) {
+      const int64_t tg = p.target[n];
+      if (tg >= 0 && tg < km) t[tg] += p.coef_target[n];
+    }
+    ps::sync_warp();  // the row is complete before this warp moves on
+  }
+}
+
+template <class scalar_t>
+struct GradParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* x;
+  int64_t d, sx0, sx1;
+  int64_t rows, row0;      // this chunk: pixels row0 .. row0 + rows
+  const acc* tile_grad;    // [rows, D] = G p_hat for the chunk, or null
+  const acc* grad_lse;     // [N]
+  const acc* weighted;     // [N, D]
   acc inv_temperature;
   scalar_t* grad_x;  // [N, D] contiguous
 };
 
 constexpr int kGradThreads = 128;
 
+// One block per pixel row, threads over channels.
 template <class scalar_t>
 PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradThreads) assemble_grad_kernel(GradParams<scalar_t> p) {
   using acc = acc_t<scalar_t>;
-  PS_DYNAMIC_SHARED(acc, gxh);  // [d]
-  const int64_t k_classes = p.num_classes, m_protos = p.num_prototypes, km = k_classes * m_protos, d = p.d;
-  for (int64_t n = blockIdx.x; n < p.n; n += gridDim.x) {
-    const int64_t y = p.grad_own != nullptr ? p.labels[n] : -1;
-    const bool own_valid = y >= 0 && y < k_classes;
+  const int64_t d = p.d;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t n = p.row0 + row;
     const acc gl = p.grad_lse != nullptr ? p.grad_lse[n] * p.inv_temperature : acc(0);
-    const int64_t t = p.coef_target != nullptr ? p.target[n] : -1;
-    const acc ct = (t >= 0 && t < km) ? p.coef_target[n] : acc(0);
+    const acc* tg = p.tile_grad != nullptr ? p.tile_grad + row * d : nullptr;
+    const acc* w = p.weighted != nullptr ? p.weighted + n * d : nullptr;
     const scalar_t* xr = p.x + n * p.sx0;
     acc ss = 0, dot = 0;
     for (int64_t c = threadIdx.x; c < d; c += kGradThreads) {
-      acc a = 0;
-      if (p.grad_scores != nullptr) {
-#pragma unroll 1
-        for (int64_t k = 0; k < k_classes; ++k) {
-          const acc g = static_cast<acc>(p.grad_scores[n * k_classes + k]);
-          const int64_t m = p.index[n * k_classes + k];
-          if (g != acc(0) && m >= 0 && m < m_protos) a += g * p.p_hat[(k * m_protos + m) * d + c];
-        }
-      }
-      if (own_valid) {
-#pragma unroll 1
-        for (int64_t m = 0; m < m_protos; ++m) {
-          const acc g = p.grad_own[n * m_protos + m];
-          if (g != acc(0)) a += g * p.p_hat[(y * m_protos + m) * d + c];
-        }
-      }
-      if (gl != acc(0)) a += gl * p.weighted[n * d + c];
-      if (ct != acc(0)) a += ct * p.p_hat[t * d + c];
-      gxh[c] = a;
+      const acc a = (tg != nullptr ? tg[c] : acc(0)) + (gl != acc(0) ? gl * w[c] : acc(0));
       const acc xv = static_cast<acc>(xr[c * p.sx1]);
       ss += xv * xv;
       dot += a * xv;
@@ -227,8 +256,9 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradThreads) assemble_grad_kernel(GradParams<sc
     const acc x_coef = clamped ? acc(0) : dot * inv_norm;  // <a, x_hat>
     scalar_t* out = p.grad_x + n * d;
     for (int64_t c = threadIdx.x; c < d; c += kGradThreads) {
+      const acc a = (tg != nullptr ? tg[c] : acc(0)) + (gl != acc(0) ? gl * w[c] : acc(0));
       const acc xh = static_cast<acc>(xr[c * p.sx1]) * inv_norm;
-      out[c] = static_cast<scalar_t>((gxh[c] - xh * x_coef) * inv_norm);
+      out[c] = static_cast<scalar_t>((a - xh * x_coef) * inv_norm);
     }
   }
 }

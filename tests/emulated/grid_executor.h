@@ -81,6 +81,10 @@ class BlockContext final : public Context {
     for (unsigned w = 0; w < threads / 32; ++w) warps_.push_back(std::make_unique<Barrier>(32));
   }
   void sync_block() override { block_.wait(); }
+  void sync_warp() override {
+    const unsigned t = state.thread_idx.x + state.block_dim.x * (state.thread_idx.y + state.block_dim.y * state.thread_idx.z);
+    warps_[t / 32]->wait();
+  }
   // Double-buffered: exchange i uses buffer i % 2, so one barrier per shuffle suffices. A lane
   // writes buffer b again only after passing the barrier of the next exchange, which every
   // lane reaches only after it has read buffer b.
