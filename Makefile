@@ -15,7 +15,7 @@ CUDA_HOME ?= $(firstword $(patsubst %/lib64/libcudart.so,%,$(wildcard /usr/local
 TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: build test demo bench clean
+.PHONY: build test test-cuda demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: build
 	$(PY) -m pytest -q tests
 	# The benchmarks at toy sizes: they still check agreement and must keep running.
 	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 $(PY) -m pytest -q benchmarks
+
+# The CUDA checks alone (no GPU needed): cubins, CUDA registrations, spills, the kernels on the
+# CPU grid executor, ThreadSanitizer. `make test` runs them too.
+test-cuda: build
+	$(PY) -m pytest -q tests/test_cuda_build.py tests/test_emulated.py tests/test_emulated_tsan.py tests/test_cuda.py
 
 demo: build
 	rm -rf runs/digitscenes_protoseg

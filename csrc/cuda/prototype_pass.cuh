@@ -1,0 +1,267 @@
+// Device code of the chunked pixel x prototype pass (proto_similarity, proto_contrast_loss,
+// proto_train) and of the gradient assembly their backward ops share.
+//
+// Layouts: x [N, D] scalar_t with strides (sx0, sx1); p_hat [K*M, D] acc_t row-major, unit
+// rows; the tile S [rows, K*M] acc_t row-major, produced by cuBLAS (at::mm_out) from the
+// normalised rows. All pixel and element indices are int64: N * D and N * K * M pass 2^31 at
+// the sizes we target (N = 1M, D = 720, K*M = 8470).
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace protoseg {
+namespace cuda {
+
+// ---- row normalisation: out[r, :] = x[r, :] / max(||x[r, :]||, eps) in acc_t ---------------
+// One warp per row (D is a few hundred: 32 lanes stride over it); the squared norm is a
+// butterfly sum so every lane holds it.
+template <class scalar_t>
+struct NormalizeParams {
+  const scalar_t* x;  // row 0 of the chunk
+  int64_t rows, d, stride_row, stride_col;
+  acc_t<scalar_t>* out;  // [rows, d] contiguous
+};
+
+constexpr int kNormalizeThreads = 256;
+
+template <class scalar_t>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(NormalizeParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kNormalizeThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const scalar_t* xr = p.x + row * p.stride_row;
+    acc ss = 0;
+    for (int64_t c = lane; c < p.d; c += kWarpSize) {
+      const acc v = static_cast<acc>(xr[c * p.stride_col]);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    // 1 / max(||x||, eps) as one rsqrt per row, then products: the IEEE sqrt and division
+    // slow-path calls made ptxas spill registers here (checked by tests/test_cuda_build.py).
+    const acc eps = static_cast<acc>(kNormEps);
+    const acc inv = ss > eps * eps ? ps::rsqrt(ss) : acc(1) / eps;
+    acc* out = p.out + row * p.d;
+    for (int64_t c = lane; c < p.d; c += kWarpSize) out[c] = static_cast<acc>(xr[c * p.stride_col]) * inv;
+  }
+}
+
+// ---- the fused epilogue over one tile -------------------------------------------------------
+// One warp per tile row, while the tile is hot in L2. Null pointers skip outputs; outputs are
+// indexed by the global pixel n = row0 + row.
+template <class scalar_t>
+struct EpilogueParams {
+  using acc = acc_t<scalar_t>;
+  acc* tile;  // [rows, K*M]; becomes exp((S - rowmax) / temperature) when row_sum is set
+  int64_t rows, row0, num_classes, num_prototypes;
+  scalar_t* scores;        // [N, K] max over the class's M prototypes
+  int64_t* index;          // [N, K] argmax, ties to the smallest m
+  const int64_t* labels;   // [N] for `own`; entries outside [0, K) give a 0 row
+  acc* own;                // [N, M]
+  const int64_t* target;   // [N] for `target_logit`; entries outside [0, K*M) give 0
+  acc* target_logit;       // [N]
+  acc* lse;                // [N] logsumexp_j S[n, j] / temperature
+  acc* row_sum;            // [rows] sum_j exp((S - max) / temperature), for the second GEMM
+  acc inv_temperature;
+};
+
+constexpr int kEpilogueThreads = 256;
+
+template <class scalar_t>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kEpilogueThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t k_classes = p.num_classes, m_protos = p.num_prototypes, km = k_classes * m_protos;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t n = p.row0 + row;
+    acc* s = p.tile + row * km;
+    if (p.scores != nullptr || p.index != nullptr) {
+      for (int64_t k = lane; k < k_classes; k += kWarpSize) {
+        const acc* sk = s + k * m_protos;
+        acc best = sk[0];
+        int64_t arg = 0;
+#pragma unroll 1
+        for (int64_t m = 1; m < m_protos; ++m) {
+          const acc v = sk[m];
+          if (v > best) {
+            best = v;
+            arg = m;
+          }
+        }
+        if (p.scores != nullptr) p.scores[n * k_classes + k] = static_cast<scalar_t>(best);
+        if (p.index != nullptr) p.index[n * k_classes + k] = arg;
+      }
+    }
+    if (p.own != nullptr) {
+      const int64_t y = p.labels[n];
+      const bool valid = y >= 0 && y < k_classes;
+      for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] : acc(0);
+    }
+    if (p.target_logit != nullptr && lane == 0) {
+      const int64_t t = p.target[n];
+      p.target_logit[n] = (t >= 0 && t < km) ? s[t] : acc(0);
+    }
+    if (p.lse != nullptr) {
+      acc mx = -ps::infinity<acc>();
+      for (int64_t j = lane; j < km; j += kWarpSize) mx = ps::max(mx, s[j]);
+      mx = warp_max(mx);
+      acc sum = 0;
+      if (p.row_sum != nullptr) {
+        // exp in place (each lane rewrites only the entries it read): the tile becomes the
+        // unnormalised softmax that the second GEMM multiplies by p_hat.
+#pragma unroll 1
+        for (int64_t j = lane; j < km; j += kWarpSize) {
+          const acc e = ps::exp((s[j] - mx) * p.inv_temperature);
+          s[j] = e;
+          sum += e;
+        }
+      } else {
+#pragma unroll 1
+        for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * p.inv_temperature);
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        p.lse[n] = mx * p.inv_temperature + ps::log(sum);
+        if (p.row_sum != nullptr) p.row_sum[row] = sum;
+      }
+    }
+  }
+}
+
+// ---- weighted[r, :] *= 1 / row_sum[r] after the second GEMM ---------------------------------
+template <class acc>
+struct ScaleRowsParams {
+  acc* w;  // [rows, d] contiguous
+  int64_t rows, d;
+  const acc* row_sum;  // [rows]
+};
+
+constexpr int kScaleThreads = 256;
+
+template <class acc>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kScaleThreads) scale_rows_kernel(ScaleRowsParams<acc> p) {
+  const int64_t total = p.rows * p.d;
+  for (int64_t i = int64_t(blockIdx.x) * kScaleThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kScaleThreads) {
+    const acc inv = acc(1) / p.row_sum[i / p.d];
+    p.w[i] *= inv;
+  }
+}
+
+// ---- gradient assembly ----------------------------------------------------------------------
+//   grad_x_hat[n] = sum_k grad_scores[n,k] p_hat[k*M + index[n,k]]
+//                 + sum_m grad_own[n,m] p_hat[labels[n]*M + m]           (labels in [0, K))
+//                 + coef_target[n] p_hat[target[n]]                      (target in [0, K*M))
+//                 + grad_lse[n] / temperature * weighted[n]
+//   grad_x[n] = (grad_x_hat - x_hat <grad_x_hat, x_hat>) / ||x||   (or grad_x_hat / eps when
+//   ||x|| <= eps, the clamped branch of F.normalize). Null pointers contribute nothing.
+// The prototype terms are one GEMM per chunk: grad_tile_kernel scatters the coefficients into
+// a [rows, K*M] tile G, cuBLAS forms G p_hat, and assemble_grad_kernel adds the `weighted` term
+// and applies the normalisation backward. (Gathering the K + M prototype rows per pixel instead
+// reads (K + M) * D values per pixel from L2: 88 GB at N = 1M, K*M = 190, D = 720.)
+template <class scalar_t>
+struct GradTileParams {
+  using acc = acc_t<scalar_t>;
+  acc* tile;  // [rows, K*M]
+  int64_t rows, row0, num_classes, num_prototypes;
+  const scalar_t* grad_scores;  // [N, K] contiguous
+  const int64_t* index;         // [N, K]
+  const acc* grad_own;          // [N, M]
+  const int64_t* labels;        // [N]
+  const acc* coef_target;       // [N]
+  const int64_t* target;        // [N]
+};
+
+constexpr int kGradTileThreads = 256;
+
+// One warp per tile row: zero it, then add the three kinds of coefficients in turn (they can
+// land on the same cell, so the phases are separated by warp barriers; within a phase every
+// lane writes distinct cells).
+template <class scalar_t>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradTileThreads) grad_tile_kernel(GradTileParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kGradTileThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t k_classes = p.num_classes, m_protos = p.num_prototypes, km = k_classes * m_protos;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < p.rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t n = p.row0 + row;
+    acc* t = p.tile + row * km;
+    for (int64_t j = lane; j < km; j += kWarpSize) t[j] = acc(0);
+    ps::sync_warp();
+    if (p.grad_scores != nullptr) {
+      for (int64_t k = lane; k < k_classes; k += kWarpSize) {
+        const int64_t m = p.index[n * k_classes + k];
+        if (m >= 0 && m < m_protos) t[k * m_protos + m] = static_cast<acc>(p.grad_scores[n * k_classes + k]);
+      }
+    }
+    ps::sync_warp();
+    if (p.grad_own != nullptr) {
+      const int64_t y = p.labels[n];
+      if (y >= 0 && y < k_classes) {
+        for (int64_t m = lane; m < m_protos; m += kWarpSize) t[y * m_protos + m] += p.grad_own[n * m_protos + m];
+      }
+    }
+    ps::sync_warp();
+    if (p.coef_target != nullptr && lane == 0) {
+      const int64_t tg = p.target[n];
+      if (tg >= 0 && tg < km) t[tg] += p.coef_target[n];
+    }
+    ps::sync_warp();  // the row is complete before this warp moves on
+  }
+}
+
+template <class scalar_t>
+struct GradParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* x;
+  int64_t d, sx0, sx1;
+  int64_t rows, row0;      // this chunk: pixels row0 .. row0 + rows
+  const acc* tile_grad;    // [rows, D] = G p_hat for the chunk, or null
+  const acc* grad_lse;     // [N]
+  const acc* weighted;     // [N, D]
+  acc inv_temperature;
+  scalar_t* grad_x;  // [N, D] contiguous
+};
+
+constexpr int kGradThreads = 128;
+
+// One block per pixel row, threads over channels.
+template <class scalar_t>
+PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradThreads) assemble_grad_kernel(GradParams<scalar_t> p) {
+  using acc = acc_t<scalar_t>;
+  const int64_t d = p.d;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t n = p.row0 + row;
+    const acc gl = p.grad_lse != nullptr ? p.grad_lse[n] * p.inv_temperature : acc(0);
+    const acc* tg = p.tile_grad != nullptr ? p.tile_grad + row * d : nullptr;
+    const acc* w = p.weighted != nullptr ? p.weighted + n * d : nullptr;
+    const scalar_t* xr = p.x + n * p.sx0;
+    acc ss = 0, dot = 0;
+    for (int64_t c = threadIdx.x; c < d; c += kGradThreads) {
+      const acc a = (tg != nullptr ? tg[c] : acc(0)) + (gl != acc(0) ? gl * w[c] : acc(0));
+      const acc xv = static_cast<acc>(xr[c * p.sx1]);
+      ss += xv * xv;
+      dot += a * xv;
+    }
+    ss = block_sum<kGradThreads>(ss);
+    dot = block_sum<kGradThreads>(dot);
+    const acc eps = static_cast<acc>(kNormEps);
+    const bool clamped = !(ss > eps * eps);  // ||x|| <= eps
+    // One rsqrt per row (see normalize_rows_kernel). Unclamped: (a - x_hat <a, x_hat>) / ||x||
+    // with x_hat = x / ||x|| and <a, x_hat> = <a, x> / ||x||; clamped: a / eps.
+    const acc inv_norm = clamped ? acc(1) / eps : ps::rsqrt(ss);
+    const acc x_coef = clamped ? acc(0) : dot * inv_norm;  // <a, x_hat>
+    scalar_t* out = p.grad_x + n * d;
+    for (int64_t c = threadIdx.x; c < d; c += kGradThreads) {
+      const acc a = (tg != nullptr ? tg[c] : acc(0)) + (gl != acc(0) ? gl * w[c] : acc(0));
+      const acc xh = static_cast<acc>(xr[c * p.sx1]) * inv_norm;
+      out[c] = static_cast<scalar_t>((a - xh * x_coef) * inv_norm);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace protoseg

@@ -1,0 +1,76 @@
+// Test-only Python module: every protoseg op's CUDA launch sequence (csrc/cuda/launchers.h) and
+// kernels (csrc/cuda/*.cuh), run on CPU tensors by the CPU grid executor. Built by
+// tests/emulated/emulated_module.py with torch.utils.cpp_extension.load. Not registered with the
+// dispatcher (the real CUDA kernels are), just plain functions.
+#include <torch/extension.h>
+
+#include "cuda/launchers.h"
+#include "grid_executor.h"
+
+namespace {
+
+using protoseg::cuda::EmuExec;
+int64_t tile_budget = int64_t{1} << 25;
+
+EmuExec exec() {
+  EmuExec ex;
+  ex.tile_budget = tile_budget;
+  return ex;
+}
+
+py::dict launch_stats() {
+  std::lock_guard<std::mutex> lock(ps_emu::stats_mutex);
+  py::dict out;
+  for (const auto& [name, s] : ps_emu::stats) out[py::str(name)] = py::make_tuple(s.launches, s.max_blocks);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace pc = protoseg::cuda;
+  m.def("set_tile_budget", [](int64_t b) { tile_budget = b; }, "entries of the [rows, K*M] tile (forces chunking)");
+  m.def("launch_stats", &launch_stats, "{kernel params type: (launches, largest grid)}");
+  m.def("proto_similarity", [](const at::Tensor& x, const at::Tensor& p) {
+    auto ex = exec();
+    return pc::proto_similarity(ex, x, p);
+  });
+  m.def("proto_similarity_backward",
+        [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& p, const at::Tensor& index) {
+          auto ex = exec();
+          return pc::proto_similarity_backward(ex, g, x, p, index);
+        });
+  m.def("proto_contrast_loss", [](const at::Tensor& x, const at::Tensor& p, const at::Tensor& t, double tau,
+                                  int64_t ignore) {
+    auto ex = exec();
+    return pc::proto_contrast_loss(ex, x, p, t, tau, ignore);
+  });
+  m.def("proto_contrast_loss_backward", [](const at::Tensor& gc, const at::Tensor& gd, const at::Tensor& x,
+                                           const at::Tensor& p, const at::Tensor& t, double tau, int64_t ignore) {
+    auto ex = exec();
+    return pc::proto_contrast_loss_backward(ex, gc, gd, x, p, t, tau, ignore);
+  });
+  m.def("proto_train", [](const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double tau) {
+    auto ex = exec();
+    return pc::proto_train(ex, x, p, labels, tau);
+  });
+  m.def("proto_train_backward",
+        [](const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& go, const std::optional<at::Tensor>& gl,
+           const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, const at::Tensor& index,
+           const at::Tensor& weighted, double tau) {
+          auto ex = exec();
+          return pc::proto_train_backward(ex, gs, go, gl, x, p, labels, index, weighted, tau);
+        });
+  m.def("sinkhorn", [](const at::Tensor& s, const at::Tensor& labels, int64_t k, int64_t iters, double eps) {
+    auto ex = exec();
+    return pc::sinkhorn(ex, s, labels, k, iters, eps);
+  });
+  m.def("scatter_mean", [](const at::Tensor& x, const at::Tensor& index, int64_t segments) {
+    auto ex = exec();
+    return pc::scatter_mean(ex, x, index, segments);
+  });
+  m.def("scatter_mean_backward", [](const at::Tensor& g, const at::Tensor& index, const at::Tensor& count) {
+    auto ex = exec();
+    return pc::scatter_mean_backward(ex, g, index, count);
+  });
+}

@@ -1,0 +1,369 @@
+"""The CUDA kernels, executed on the CPU: every op's shipped launch sequence (csrc/cuda/launchers.h)
+and kernels (csrc/cuda/*.cuh) run by the CPU grid executor (tests/emulated/grid_executor.h), with
+torch's CPU GEMM and sort standing in for cuBLAS and cub, checked against protoseg/ops/reference.py
+(and bitwise against the CPU kernels where those are bitwise reproducible).
+
+Sizes are small but cover several blocks per kernel (test_every_kernel_ran_on_several_blocks),
+partial chunks (the tile budget is lowered so the pass runs in several chunks, the last one
+partial), empty segments, ignored pixels and N = 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import protoseg.ops  # noqa: F401  (registers the CPU ops)
+from protoseg.ops import reference as ref
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulated"))
+import emulated_module  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    module = emulated_module.load()
+    module.set_tile_budget(1 << 25)
+    return module
+
+
+@pytest.fixture
+def chunked(emu):
+    """Tiles of at most 7 rows whatever K*M: several chunks, the last one partial."""
+    yield emu
+    emu.set_tile_budget(1 << 25)
+
+
+def _inputs(n, d, k, m, dtype, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if noncontiguous:
+        x = torch.randn(d, n, generator=g, dtype=torch.float64).t()
+    p = torch.randn(k, m, d, generator=g, dtype=torch.float64)
+    if n > 2 and dtype in (torch.float32, torch.float64):
+        x[1] = 0  # a zero row: the eps-clamped branch (its gradient, g / 1e-12, overflows half)
+    return x.to(dtype), p.to(dtype)
+
+
+def _check(ours, ref_lowp, ref64, dtype, what):
+    """float32/64: close to the fp64 reference. Half precision: error against fp64 at most about
+    twice the error of the reference run in the same precision (STYLE.md rule 13)."""
+    ours, ref_lowp, ref64 = ours.double(), ref_lowp.double(), ref64.double()
+    err = (ours - ref64).abs().max().item() if ours.numel() else 0.0
+    base = (ref_lowp - ref64).abs().max().item() if ours.numel() else 0.0
+    bound = 2 * base + ATOL[dtype] * max(1.0, ref64.abs().max().item() if ours.numel() else 1.0)
+    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (reference in {dtype}: {base:.3g})"
+
+
+def _grad_ref(fn, x, *args):
+    """Gradient of fn(x, ...) -> scalar, by autograd through the reference in float64."""
+    xr = x.detach().double().requires_grad_()
+    fn(xr, *args).backward()
+    return xr.grad
+
+
+# ---- proto_similarity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proto_similarity(chunked, dtype):
+    emu = chunked
+    n, d, k, m = 45, 24, 6, 4
+    x, p = _inputs(n, d, k, m, dtype)
+    emu.set_tile_budget(7 * k * m)
+    scores, index = emu.proto_similarity(x, p)
+    s64, i64 = ref.proto_similarity(x.double(), p.double())
+    s_lp, _ = ref.proto_similarity(x, p)
+    assert scores.dtype == dtype and index.dtype == torch.int64 and scores.shape == (n, k)
+    _check(scores, s_lp, s64, dtype, "scores")
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(index, i64)
+    else:  # near-ties may flip in low precision: the chosen prototype must score the maximum
+        sim = (torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(
+            p.double(), dim=2).reshape(k * m, d).t()).view(n, k, m)
+        _check(sim.gather(2, index[..., None])[..., 0], s_lp, s64, dtype, "score at index")
+
+    g = torch.randn(n, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    grad = emu.proto_similarity_backward(g, x, p, index)
+    assert grad.dtype == dtype and grad.shape == (n, d)
+
+    def loss(xr, pr, gr, idx):
+        xh = torch.nn.functional.normalize(xr, dim=1, eps=1e-12)
+        ph = torch.nn.functional.normalize(pr, dim=2, eps=1e-12)
+        sel = ph[torch.arange(k)[None, :], idx]  # [n, k, d] the winning prototypes
+        return (gr[..., None] * xh[:, None, :] * sel).sum()
+
+    g64 = _grad_ref(loss, x, p.double(), g.double(), index)
+    glp = _grad_ref(loss, x.float(), p.float(), g.float(), index) if dtype != torch.float64 else g64
+    _check(grad, glp, g64, dtype, "grad_x")
+
+
+# ---- proto_train ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_proto_train(chunked, dtype, temperature):
+    emu = chunked
+    n, d, k, m = 41, 20, 5, 3
+    x, p = _inputs(n, d, k, m, dtype, seed=2)
+    labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(3))
+    labels[:3] = -1
+    emu.set_tile_budget(7 * k * m)
+    out = emu.proto_train(x, p, labels, temperature)
+    out64 = ref.proto_train(x.double(), p.double(), labels, temperature)
+    out_lp = ref.proto_train(x, p, labels, temperature)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert [t.dtype for t in out] == [dtype, torch.int64, acc, acc, acc]
+    for name, a, b, c in zip(("scores", "index", "own", "lse", "weighted"), out, out_lp, out64):
+        if name == "index":
+            if dtype in (torch.float32, torch.float64):
+                assert torch.equal(a, c)
+            continue
+        _check(a, b, c, dtype, name)
+    assert torch.all(out[2][labels < 0] == 0)
+
+    gen = torch.Generator().manual_seed(4)
+    gs = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    go = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    gl = torch.randn(n, generator=gen, dtype=torch.float64)
+    index = out[1]
+
+    def loss(xr, use_s, use_o, use_l):
+        xh = torch.nn.functional.normalize(xr, dim=1, eps=1e-12)
+        ph = torch.nn.functional.normalize(p.double(), dim=2, eps=1e-12)
+        sim = (xh @ ph.reshape(k * m, d).t()).view(n, k, m)
+        total = xr.sum() * 0
+        if use_s:
+            total = total + (gs * sim.gather(2, index[..., None])[..., 0]).sum()
+        if use_o:
+            own = sim[torch.arange(n), labels.clamp(min=0)] * (labels >= 0)[:, None]
+            total = total + (go * own).sum()
+        if use_l:
+            total = total + (gl * torch.logsumexp(sim.reshape(n, -1) / temperature, dim=1)).sum()
+        return total
+
+    uses = [(True, True, True)]
+    if dtype == torch.float32 and temperature == 0.1:  # each term alone, and no term at all
+        uses += [(True, False, False), (False, True, False), (False, False, True), (False, False, False)]
+    for use in uses:
+        args = [t.to(dtype if i == 0 else acc) if u else None for i, (t, u) in enumerate(zip((gs, go, gl), use))]
+        grad = emu.proto_train_backward(*args, x, p, labels, index, out[4], temperature)
+        g64 = _grad_ref(loss, x, *use)
+        glp = _grad_ref(loss, x.float(), *use) if dtype != torch.float64 else g64
+        _check(grad, glp, g64, dtype, f"grad_x {use}")
+
+
+# ---- proto_contrast_loss ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore_index", [-100, 4])
+def test_proto_contrast_loss(chunked, dtype, ignore_index):
+    emu = chunked
+    n, d, k, m = 43, 16, 4, 3
+    x, p = _inputs(n, d, k, m, dtype, seed=5)
+    target = torch.randint(0, k * m, (n,), generator=torch.Generator().manual_seed(6))
+    target[::5] = ignore_index
+    emu.set_tile_budget(7 * k * m)
+    ppc, ppd = emu.proto_contrast_loss(x, p, target, 0.1, ignore_index)
+    r64 = ref.proto_contrast_loss(x.double(), p.double(), target, 0.1, ignore_index)
+    rlp = ref.proto_contrast_loss(x, p, target, 0.1, ignore_index)
+    assert ppc.dtype == dtype and ppc.dim() == 0
+    _check(ppc, rlp[0], r64[0], dtype, "ppc")
+    _check(ppd, rlp[1], r64[1], dtype, "ppd")
+
+    def loss(xr, pr):
+        a, b = ref.proto_contrast_loss(xr, pr, target, 0.1, ignore_index)
+        return 0.7 * a - 1.3 * b
+
+    grad = emu.proto_contrast_loss_backward(torch.tensor(0.7, dtype=torch.float64), torch.tensor(-1.3, dtype=torch.float64), x, p, target, 0.1, ignore_index)
+    g64 = _grad_ref(loss, x, p.double())
+    glp = _grad_ref(loss, x.float(), p.float()) if dtype != torch.float64 else g64
+    _check(grad, glp, g64, dtype, "grad_x")
+
+
+def test_proto_contrast_loss_all_ignored(emu):
+    x, p = _inputs(20, 8, 3, 2, torch.float32, seed=7)
+    target = torch.full((20,), -1)
+    ppc, ppd = emu.proto_contrast_loss(x, p, target, 0.1, -1)
+    assert ppc.item() == 0 and ppd.item() == 0
+    grad = emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, target, 0.1, -1)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# ---- sinkhorn -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn(emu, dtype):
+    n, m, k = 150, 5, 7  # class 5 empty, class 6 one pixel, M > 1, several blocks of pixels
+    g = torch.Generator().manual_seed(8)
+    scores = torch.rand(n, m, generator=g).to(dtype)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    labels[::7] = -1
+    labels[10] = 6
+    q, a = emu.sinkhorn(scores, labels, k, 3, 0.05)
+    rq, ra = ref.sinkhorn(scores, labels, k, 3, 0.05)
+    assert q.dtype == torch.float32 and a.dtype == torch.int64
+    torch.testing.assert_close(q, rq, rtol=1e-6, atol=1e-7)
+    assert torch.equal(a, ra)
+    assert torch.all(q[labels < 0] == 0) and torch.all(a[labels < 0] == -1)
+    # The CPU kernel computes the same doubles in the same order within each pixel: equal.
+    cq, ca = torch.ops.protoseg.sinkhorn(scores, labels, k, 3, 0.05)
+    torch.testing.assert_close(q, cq, rtol=1e-6, atol=0)
+    assert torch.equal(a, ca)
+    # Deterministic: a second run is bitwise identical.
+    q2, a2 = emu.sinkhorn(scores, labels, k, 3, 0.05)
+    assert torch.equal(q, q2) and torch.equal(a, a2)
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_sinkhorn_column_groups(emu, m):
+    """M = 1 (one column) and M > 256 threads (the reduction walks column groups)."""
+    n, k = 40, 3
+    g = torch.Generator().manual_seed(9)
+    scores = torch.rand(n, m, generator=g)
+    labels = torch.randint(-1, k, (n,), generator=g)
+    q, a = emu.sinkhorn(scores, labels, k, 2, 0.1)
+    rq, ra = ref.sinkhorn(scores, labels, k, 2, 0.1)
+    torch.testing.assert_close(q, rq, rtol=1e-6, atol=1e-7)
+    assert torch.equal(a, ra)
+
+
+# ---- scatter_mean -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_mean(emu, dtype):
+    n, d, s = 90, 150, 12  # D > 128 threads: two channel blocks; segments 3 and 11 empty
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    index = torch.randint(0, 11, (n,), generator=g)
+    index[index == 3] = -1
+    mean, count = emu.scatter_mean(x, index, s)
+    rm, rc = ref.scatter_mean(x, index, s)
+    assert mean.dtype == dtype and torch.equal(count, rc)
+    cm, cc = torch.ops.protoseg.scatter_mean(x, index, s)
+    assert torch.equal(mean, cm), "the sorted-segment reduction adds rows in the CPU kernel's order"
+    torch.testing.assert_close(mean.double(), rm.double(), rtol=0, atol=ATOL[dtype] * 4)
+    gm = torch.randn(s, d, generator=g).to(dtype)
+    grad = emu.scatter_mean_backward(gm, index, count)
+    assert torch.equal(grad, torch.ops.protoseg.scatter_mean_backward(gm, index, count))
+
+
+def test_scatter_mean_noncontiguous(emu):
+    x = torch.randn(40, 300).t()  # [300, 40], strides (1, 300)
+    index = torch.randint(-2, 5, (300,))
+    mean, count = emu.scatter_mean(x, index, 5)
+    cm, cc = torch.ops.protoseg.scatter_mean(x, index, 5)
+    assert torch.equal(mean, cm) and torch.equal(count, cc)
+
+
+# ---- shapes, strides, empty inputs, bad input -----------------------------------------------------
+
+
+def test_noncontiguous_x(chunked):
+    emu = chunked
+    x, p = _inputs(33, 12, 3, 4, torch.float32, seed=11, noncontiguous=True)
+    assert not x.is_contiguous()
+    emu.set_tile_budget(5 * 12)
+    s, i = emu.proto_similarity(x, p)
+    rs, ri = ref.proto_similarity(x, p)
+    torch.testing.assert_close(s, rs)
+    assert torch.equal(i, ri)
+
+
+def test_empty_inputs(emu):
+    d, k, m = 8, 3, 2
+    x, p = torch.zeros(0, d), torch.randn(k, m, d)
+    empty = torch.zeros(0, dtype=torch.int64)
+    s, i = emu.proto_similarity(x, p)
+    assert s.shape == (0, k) and i.shape == (0, k)
+    assert emu.proto_similarity_backward(torch.zeros(0, k), x, p, i).shape == (0, d)
+    out = emu.proto_train(x, p, empty, 0.1)
+    assert [t.shape for t in out] == [(0, k), (0, k), (0, m), (0,), (0, d)]
+    assert emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1).shape == (0, d)
+    ppc, ppd = emu.proto_contrast_loss(x, p, empty, 0.1, -1)
+    assert ppc.item() == 0 and ppd.item() == 0
+    assert emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, empty, 0.1, -1).shape == (0, d)
+    q, a = emu.sinkhorn(torch.zeros(0, m), empty, k, 3, 0.05)
+    assert q.shape == (0, m) and a.shape == (0,)
+    mean, count = emu.scatter_mean(x, empty, 4)
+    assert torch.equal(mean, torch.zeros(4, d)) and torch.equal(count, torch.zeros(4, dtype=torch.int64))
+    assert emu.scatter_mean_backward(torch.zeros(4, d), empty, count).shape == (0, d)
+
+
+def test_out_of_range_raises(emu):
+    x, p = _inputs(600, 8, 3, 2, torch.float32, seed=12)
+    labels = torch.zeros(600, dtype=torch.int64)
+    labels[517] = 3
+    with pytest.raises(RuntimeError, match=r"labels\[517\] = 3 is out of range"):
+        emu.proto_train(x, p, labels, 0.1)
+    with pytest.raises(RuntimeError, match=r"labels\[517\] = 3 is out of range"):
+        emu.sinkhorn(torch.rand(600, 2), labels, 3, 3, 0.05)
+    target = torch.zeros(600, dtype=torch.int64)
+    target[300] = -5
+    with pytest.raises(RuntimeError, match=r"target\[300\] = -5 is out of range.*ignore_index = -1"):
+        emu.proto_contrast_loss(x, p, target, 0.1, -1)
+    index = torch.zeros(600, 3, dtype=torch.int64)
+    index[599, 2] = 2
+    with pytest.raises(RuntimeError, match=r"index\[1799\] = 2 is out of range"):
+        emu.proto_similarity_backward(torch.ones(600, 3), x, p, index)
+    seg = torch.zeros(600, dtype=torch.int64)
+    seg[0] = 4
+    with pytest.raises(RuntimeError, match=r"index\[0\] = 4 is out of range"):
+        emu.scatter_mean(x, seg, 4)
+    with pytest.raises(RuntimeError, match="prototypes must be"):
+        emu.proto_similarity(x, torch.randn(3, 2, 9))
+
+
+# ---- coverage ---------------------------------------------------------------------------------------
+
+
+def test_larger_grids(emu):
+    """Sizes at which every kernel runs on more than one block."""
+    n, d, k, m = 280, 40, 4, 3
+    x, p = _inputs(n, d, k, m, torch.float32, seed=13)
+    labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(14))
+    emu.set_tile_budget(160 * k * m)  # two chunks: 160 + 120 rows
+    try:
+        out = emu.proto_train(x, p, labels, 0.1)
+        r = ref.proto_train(x, p, labels, 0.1)
+        torch.testing.assert_close(out[3], r[3])
+        torch.testing.assert_close(out[4], r[4])
+        target = torch.where(labels >= 0, labels * m, -1)
+        ppc, _ = emu.proto_contrast_loss(x, p, target, 0.1, -1)
+        torch.testing.assert_close(ppc, ref.proto_contrast_loss(x, p, target, 0.1, -1)[0])
+        emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, target, 0.1, -1)
+        q, a = emu.sinkhorn(out[2], labels, k, 3, 0.05)
+        assert torch.equal(a, ref.sinkhorn(out[2], labels, k, 3, 0.05)[1])
+    finally:
+        emu.set_tile_budget(1 << 25)
+
+
+EXPECTED_KERNELS = [
+    "NormalizeParams<float>", "EpilogueParams<float>", "ScaleRowsParams<float>", "GradParams<float>",
+    "GradTileParams<float>",
+    "RangeCheckParams", "SegmentKeysParams", "SegmentOffsetsParams", "SegmentReduceParams<double>",
+    "SegmentReduceParams<float>", "SinkhornInitParams<float>", "SinkhornScaleParams", "SinkhornStepParams",
+    "SinkhornFinishParams", "ContrastPartialsParams<float>", "ContrastFinalizeParams<float>",
+    "ContrastCoefParams<float>", "ScatterMeanParams<float>", "ScatterMeanBackwardParams<float>",
+]
+
+
+def test_every_kernel_ran_on_several_blocks(emu):
+    """Runs last in this file: every kernel (one params struct each) was launched, with > 1 block."""
+    stats = {name.replace("protoseg::cuda::", ""): v for name, v in emu.launch_stats().items()}
+    for kernel in EXPECTED_KERNELS:
+        assert kernel in stats, f"{kernel} never ran under the executor"
+        if kernel not in ("ContrastFinalizeParams<float>",):  # a single-thread finaliser by design
+            assert stats[kernel][1] > 1, f"{kernel} only ever ran on one block"
+    for dtype in ("double", "c10::Half", "c10::BFloat16"):
+        assert f"EpilogueParams<{dtype}>" in stats and f"GradParams<{dtype}>" in stats
