@@ -38,6 +38,9 @@ test: build
 test-cuda: build
 	$(PY) -m pytest -q tests/test_cuda_build.py tests/test_emulated.py tests/test_emulated_tsan.py tests/test_cuda.py
 
+# Sleeping rather than spinning OpenMP threads: on 2 cores shared with anything else, spinning
+# threads make each training step several times slower.
+demo: export OMP_WAIT_POLICY = PASSIVE
 demo: build
 	rm -rf runs/digitscenes_protoseg
 	$(PY) tools/train.py configs/digitscenes_protoseg.yaml
