@@ -112,3 +112,16 @@ def test_train_sampler_resumes_and_shards_global_batches():
         assert r0[2 * j:2 * j + 2] + r1[2 * j:2 * j + 2] == full[4 * j:4 * j + 4]
     with pytest.raises(ValueError, match="divisible"):
         TrainSampler(10, 3, seed=0, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("dataset,image,label", [
+    ("cityscapes", "leftImg8bit/val/aachen/a_000001_leftImg8bit.png", "gtFine/val/aachen/a_000001_gtFine_labelTrainIds.png"),
+    ("ade20k", "images/validation/ADE_val_1.jpg", "annotations/validation/ADE_val_1.png"),
+    ("coco_stuff", "images/val2017/0001.jpg", "annotations/val2017/0001_labelTrainIds.png"),
+    ("folder", "images/val/x.jpg", "labels/val/x.png"),
+])
+def test_dataset_layouts(tmp_path, dataset, image, label):
+    for rel in (image, label):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), np.zeros((2, 2, 3) if rel == image else (2, 2), np.uint8))
+    assert dataset_pairs(dataset, str(tmp_path), "val") == [(str(tmp_path / image), str(tmp_path / label))]
