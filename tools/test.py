@@ -28,13 +28,16 @@ from protoseg.models.segmentor import build_model  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--save-pred", default="", metavar="DIR", help="write colourised predictions here")
-    parser.add_argument("--limit", type=int, default=0, metavar="N", help="save at most N predictions (0: all)")
-    parser.add_argument("--out", default="", help="results JSON (default: test_results.json by the checkpoint)")
+    parser.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="save at most N predictions (0: all)")
+    parser.add_argument("--out", default="",
+                        help="results JSON (default: test_results.json next to the checkpoint)")
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -21,13 +21,14 @@ from protoseg.engine.trainer import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteL
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--resume", nargs="?", const="auto", default="",
-                        help="continue from PATH, or without PATH from the newest readable checkpoint of the run")
+                        help="continue from PATH, or without PATH from the run's newest readable checkpoint")
     parser.add_argument("--stop-after", type=int, default=0, metavar="N",
-                        help="stop with a checkpoint after iteration N (the schedule still spans all iterations)")
+                        help="stop with a checkpoint after iteration N (the schedule still spans all)")
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)

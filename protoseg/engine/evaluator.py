@@ -19,7 +19,8 @@ def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index
     if label.numel() and (label.min() < 0 or label.max() >= num_classes):
         bad = label[(label < 0) | (label >= num_classes)].unique()[:8].tolist()
         raise ValueError(f"label values {bad} are outside [0, {num_classes}) and not ignore ({ignore_index})")
-    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    counts = torch.bincount(label * num_classes + pred, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
 
 
 def metrics_from_confusion(cm: Tensor, class_names: list[str]) -> dict:

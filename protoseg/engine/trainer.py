@@ -198,7 +198,8 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0]:
                 values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
-                raise NonFiniteLoss(f"non-finite loss at iteration {it + 1}: loss={float(loss.detach()):.6g} ({values}); "
+                raise NonFiniteLoss(f"non-finite loss at iteration {it + 1}: "
+                                    f"loss={float(loss.detach()):.6g} ({values}); "
                                     f"rank {rank}; the last checkpoint is untouched")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -209,7 +210,8 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
             progress.update(1)
 
             if main and (iteration % t.log_interval == 0 or iteration == t.iterations):
-                record = {"iter": iteration, "lr": optimizer.param_groups[1]["lr"], "loss": float(loss.detach()),
+                record = {"iter": iteration, "lr": optimizer.param_groups[1]["lr"],
+                          "loss": float(loss.detach()),
                           **{k: float(v) for k, v in terms.items()}, "skipped": skipped,
                           "time": round(time.time() - started, 2)}
                 write_log(record)
