@@ -118,6 +118,8 @@ def test_bad_arguments_name_themselves():
     model, x, target = make()
     with pytest.raises(ValueError, match="impl"):
         PrototypeClassifier(16, 5, impl="fast")
+    with pytest.raises(ValueError, match="ignore_index 255 is a class index"):
+        PrototypeClassifier(16, 300)
     with pytest.raises(ValueError, match="x must be"):
         model(x[:, :3], target)
     with pytest.raises(ValueError, match="target must be"):

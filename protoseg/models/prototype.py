@@ -137,6 +137,8 @@ class PrototypeClassifier(nn.Module):
             raise ValueError(f"momentum must be in [0, 1] (got {momentum})")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive (got {temperature})")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a class index when num_classes = {num_classes}")
         self.num_classes, self.num_prototypes, self.dim = num_classes, num_prototypes, dim
         self.momentum, self.temperature = momentum, temperature
         self.sinkhorn_iterations, self.sinkhorn_epsilon = sinkhorn_iterations, sinkhorn_epsilon
