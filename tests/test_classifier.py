@@ -105,6 +105,16 @@ def test_all_ignored_gives_zero_losses_and_no_update():
     assert torch.equal(model.prototypes, before)
 
 
+def test_non_finite_embeddings_leave_the_prototypes_untouched():
+    model, x, target = make()
+    before = model.prototypes.clone()
+    x = x.clone()
+    x[::3] = float("nan")
+    model(x, target)
+    assert torch.isfinite(model.prototypes).all()
+    assert not torch.equal(model.prototypes, before), "the finite pixels still update"
+
+
 def test_gumbel_update_differs_from_argmax_but_targets_do_not():
     argmax_model, x, target = make(momentum=0.5)
     gumbel_model = copy.deepcopy(argmax_model)

@@ -217,7 +217,9 @@ class PrototypeClassifier(nn.Module):
 
     def _momentum_update(self, sums: Tensor, count: Tensor) -> None:
         moved = F.normalize(self.momentum * self.prototypes + (1 - self.momentum) * F.normalize(sums, dim=-1), dim=-1)
-        self.prototypes.copy_(torch.where((count > 0).unsqueeze(-1), moved, self.prototypes))
+        # A non-finite batch (the trainer stops on its loss) must not leave NaN prototypes behind.
+        keep = (count > 0).unsqueeze(-1) & torch.isfinite(moved).all(dim=-1, keepdim=True)
+        self.prototypes.copy_(torch.where(keep, moved, self.prototypes))
 
     def _forward_reference(self, x: Tensor, target: Tensor | None):
         """The released implementation (HRNet_W48_Proto.forward / prototype_learning and the

@@ -4,6 +4,8 @@ Importing this module loads the compiled library (protoseg._C), whose C++ side d
 schema (csrc/protoseg.cpp) and registers the CPU (and CUDA) kernels.
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which protoseg._C links against)
+
 from protoseg import _C  # noqa: F401  (registers the operators)
 from protoseg.ops import _fake  # noqa: F401  (fake kernels; csrc/protoseg.cpp names this module)
 from protoseg.ops import reference
