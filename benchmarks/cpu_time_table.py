@@ -4,7 +4,7 @@ wall times of `pytest benchmarks/`.
     python benchmarks/cpu_time_table.py 19,150          # N = PROTOSEG_BENCH_N (32768)
     PROTOSEG_BENCH_N=4096 python benchmarks/cpu_time_table.py 847
 
-"core" is the classifier step without its two LayerNorms (similarity + PPC + PPD forward and
+"pass" is one read and write of the [N, D] embeddings; "core" is the classifier step without its two LayerNorms (similarity + PPC + PPD forward and
 backward + Sinkhorn + update); "classifier" the whole step. The released transcription is
 timed up to K = 150 (at 847 one step takes minutes).
 """
@@ -46,6 +46,7 @@ def main(ks: list[int]) -> None:
         p = F.normalize(fused.prototypes, dim=-1)
         flat = p.reshape(-1, D)
         fns = {
+            "pass": lambda: x * 2,  # one read and one write of the [N, D] embeddings
             "gemm": lambda: x @ flat.t(),
             "floor": lambda: torch.softmax(x @ flat.t(), dim=1) @ flat,
             "similarity": lambda: ops.proto_similarity(x, p),
