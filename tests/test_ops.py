@@ -48,6 +48,9 @@ CASES = [
     # 2^21 // 36000 < 64, so chunks of the 64-row minimum (64 + 64 + 12 rows); K*M > 255 with
     # ignore_index 255.
     Case("min_rows", 140, 3000, 12, 4, "strided", ignore_index=255),
+    # The CPU backward's register tiles: D = 100 is one 64-float tile (three 32-double tiles)
+    # plus a tail; 40 classes are three class slabs; 600 pixels are three pixel blocks.
+    Case("tiled", 600, 40, 3, 100),
 ]
 CASE = {c.name: c for c in CASES}
 SMALL = [CASE[name] for name in ("one", "odd", "transposed", "strided")]

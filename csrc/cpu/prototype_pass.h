@@ -219,6 +219,78 @@ struct GradTerms {
   double temperature = 1.0;
 };
 
+// acc[b] = sum_k grad_scores[n0+b, k] p_hat[k*M + index[n0+b, k]] for the `rows` pixels of
+// a block: a GEMM's worth of FMAs (K*D per pixel) over rows scattered through p_hat. Written
+// as K axpys into a row of D accumulators it is bound by storing those accumulators back after
+// every prototype, and it streams p_hat from L3 once p_hat outgrows L2 (K = 847: 24 MB). So the
+// columns are tiled into kGatherRegs vector registers that stay live across a slab of classes,
+// and a slab's slice of p_hat stays in L2 while every pixel of the block reads it.
+constexpr int64_t kGatherRows = 256;
+constexpr int64_t kClassSlab = 16;
+constexpr int kGatherRegs = 8;
+
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+// out[0, kGatherRegs * lanes) += sum_{k in [k0, k1)} g[k] p[(k*M + idx[k]) * d + ...], the
+// accumulators held in registers.
+template <typename scalar_t, typename acc_t>
+inline void gather_tile(const scalar_t* g, const int64_t* idx, const acc_t* p, int64_t k0, int64_t k1,
+                        int64_t m_protos, int64_t d, acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t lanes = sizeof(V) / sizeof(acc_t);
+  V a[kGatherRegs];
+#pragma GCC unroll 8
+  for (int r = 0; r < kGatherRegs; ++r) std::memcpy(&a[r], out + r * lanes, sizeof(V));
+  for (int64_t k = k0; k < k1; ++k) {
+    const acc_t c = static_cast<acc_t>(g[k]);
+    const acc_t* row = p + (k * m_protos + idx[k]) * d;
+#pragma GCC unroll 8
+    for (int r = 0; r < kGatherRegs; ++r) {
+      V v;
+      std::memcpy(&v, row + r * lanes, sizeof(V));
+      a[r] += c * v;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kGatherRegs; ++r) std::memcpy(out + r * lanes, &a[r], sizeof(V));
+}
+
+template <typename scalar_t, typename acc_t>
+void gather_scores_block(const scalar_t* grad_scores, const int64_t* index, const acc_t* p_hat, int64_t n0,
+                         int64_t rows, int64_t num_classes, int64_t m_protos, int64_t d, acc_t* acc) {
+  constexpr int64_t tile = kGatherRegs * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  const int64_t full = d / tile * tile;
+  for (int64_t k0 = 0; k0 < num_classes; k0 += kClassSlab) {
+    const int64_t k1 = std::min(num_classes, k0 + kClassSlab);
+    for (int64_t c0 = 0; c0 < full; c0 += tile) {
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t n = n0 + b;
+        gather_tile(grad_scores + n * num_classes, index + n * num_classes, p_hat + c0, k0, k1, m_protos, d,
+                    acc + b * d + c0);
+      }
+    }
+    if (full == d) continue;
+    for (int64_t b = 0; b < rows; ++b) {
+      const int64_t n = n0 + b;
+      for (int64_t k = k0; k < k1; ++k) {
+        const acc_t c = static_cast<acc_t>(grad_scores[n * num_classes + k]);
+        const acc_t* row = p_hat + (k * m_protos + index[n * num_classes + k]) * d;
+#pragma omp simd
+        for (int64_t t = full; t < d; ++t) acc[b * d + t] += c * row[t];
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void assemble_grad_x(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_classes, int64_t num_prototypes,
                      const GradTerms<scalar_t, acc_t>& g, const at::Tensor& grad_x) {
@@ -228,36 +300,40 @@ void assemble_grad_x(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_c
   const acc_t* p = p_hat.data_ptr<acc_t>();
   scalar_t* gx = grad_x.data_ptr<scalar_t>();  // contiguous [N, D]
   const acc_t inv_tau = static_cast<acc_t>(1.0 / g.temperature);
-  at::parallel_for(0, n_total, 32, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> acc(d), xh(d);
-    for (int64_t n = b; n < e; ++n) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+  const int64_t blocks = (n_total + kGatherRows - 1) / kGatherRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<acc_t> acc_block(kGatherRows * d), xh(d);
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t n0 = blk * kGatherRows, rows = std::min(kGatherRows, n_total - n0);
+      std::fill(acc_block.begin(), acc_block.end(), acc_t(0));
       if (g.grad_scores) {
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const acc_t c = static_cast<acc_t>(g.grad_scores[n * num_classes + k]);
-          if (c != acc_t(0)) axpy(acc.data(), c, p + (k * m_protos + g.index[n * num_classes + k]) * d, d);
+        gather_scores_block(g.grad_scores, g.index, p, n0, rows, num_classes, m_protos, d, acc_block.data());
+      }
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t n = n0 + b;
+        acc_t* acc = acc_block.data() + b * d;
+        if (g.grad_own && g.labels[n] >= 0) {
+          const acc_t* base = p + g.labels[n] * m_protos * d;
+          for (int64_t m = 0; m < m_protos; ++m) {
+            const acc_t c = g.grad_own[n * m_protos + m];
+            if (c != acc_t(0)) axpy(acc, c, base + m * d, d);
+          }
         }
-      }
-      if (g.grad_own && g.labels[n] >= 0) {
-        const acc_t* base = p + g.labels[n] * m_protos * d;
-        for (int64_t m = 0; m < m_protos; ++m) {
-          const acc_t c = g.grad_own[n * m_protos + m];
-          if (c != acc_t(0)) axpy(acc.data(), c, base + m * d, d);
+        if (g.grad_lse && g.grad_lse[n] != acc_t(0)) axpy(acc, g.grad_lse[n] * inv_tau, g.weighted + n * d, d);
+        if (g.coef_target) {
+          const int64_t t = g.target[n];
+          if (t >= 0 && t < km && g.coef_target[n] != acc_t(0)) axpy(acc, g.coef_target[n], p + t * d, d);
         }
-      }
-      if (g.grad_lse && g.grad_lse[n] != acc_t(0)) axpy(acc.data(), g.grad_lse[n] * inv_tau, g.weighted + n * d, d);
-      if (g.coef_target) {
-        const int64_t t = g.target[n];
-        if (t >= 0 && t < km && g.coef_target[n] != acc_t(0)) axpy(acc.data(), g.coef_target[n], p + t * d, d);
-      }
-      const acc_t norm = load_normalized_row(x_ptr + n * sx0, sx1, d, xh.data());
-      scalar_t* out = gx + n * d;
-      if (norm > static_cast<acc_t>(kNormEps)) {
-        acc_t dot = 0;
-        for (int64_t c = 0; c < d; ++c) dot += acc[c] * xh[c];
-        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) / norm);
-      } else {
-        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] / static_cast<acc_t>(kNormEps));
+        const acc_t norm = load_normalized_row(x_ptr + n * sx0, sx1, d, xh.data());
+        scalar_t* out = gx + n * d;
+        if (norm > static_cast<acc_t>(kNormEps)) {
+          acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < d; ++c) dot += acc[c] * xh[c];
+          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) / norm);
+        } else {
+          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] / static_cast<acc_t>(kNormEps));
+        }
       }
     }
   });
