@@ -82,12 +82,12 @@ at::Tensor proto_contrast_loss_backward_cpu(const at::Tensor& grad_ppc, const at
   TORCH_CHECK(grad_ppc.numel() == 1, "grad_ppc must be a scalar (got ", shape_str(grad_ppc), ")");
   TORCH_CHECK(grad_ppd.numel() == 1, "grad_ppd must be a scalar (got ", shape_str(grad_ppd), ")");
   const int64_t n = x.size(0), d = x.size(1), k = prototypes.size(0), m = prototypes.size(1);
-  auto grad_x = at::zeros({n, d}, x.options());
+  auto grad_x = cpu::empty_output({n, d}, x.options()).zero_();
   if (n == 0) return grad_x;
   const auto acc = at::toOpMathType(x.scalar_type());
   auto lse = at::empty({n}, x.options().dtype(acc));
   auto logit = at::empty({n}, x.options().dtype(acc));
-  auto weighted = at::empty({n, d}, x.options().dtype(acc));
+  auto weighted = cpu::empty_output({n, d}, x.options().dtype(acc));
   const double g_ppc = grad_ppc.item<double>(), g_ppd = grad_ppd.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_contrast_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

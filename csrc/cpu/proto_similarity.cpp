@@ -35,7 +35,7 @@ at::Tensor proto_similarity_backward_cpu(const at::Tensor& grad_scores, const at
   check_shape(grad_scores, "grad_scores", {n, k});
   check_shape(index, "index", {n, k});
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64 (got ", index.scalar_type(), ")");
-  auto grad_x = at::empty({n, x.size(1)}, x.options());
+  auto grad_x = cpu::empty_output({n, x.size(1)}, x.options());
   if (n == 0) return grad_x;
   const auto g = grad_scores.to(x.scalar_type()).contiguous();
   const auto idx = index.contiguous();

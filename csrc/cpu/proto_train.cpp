@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proto_tra
   auto index = at::empty({n, k}, x.options().dtype(at::kLong));
   auto own = at::empty({n, m}, x.options().dtype(acc));
   auto lse = at::empty({n}, x.options().dtype(acc));
-  auto weighted = at::empty({n, d}, x.options().dtype(acc));
+  auto weighted = cpu::empty_output({n, d}, x.options().dtype(acc));
   if (n == 0) return {scores, index, own, lse, weighted};
   const auto lab = labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_train_cpu", [&] {
@@ -63,7 +63,7 @@ at::Tensor proto_train_backward_cpu(const std::optional<at::Tensor>& grad_scores
   check_shape(index, "index", {n, k});
   TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64 (got ", index.scalar_type(), ")");
   const auto acc = at::toOpMathType(x.scalar_type());
-  auto grad_x = at::empty({n, d}, x.options());
+  auto grad_x = cpu::empty_output({n, d}, x.options());
   if (n == 0) return grad_x;
   const auto lab = labels.contiguous();
   const auto idx = index.contiguous();

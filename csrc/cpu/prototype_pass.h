@@ -18,6 +18,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/huge_pages.h"
+
 namespace protoseg {
 namespace cpu {
 
@@ -73,14 +75,24 @@ inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_
 template <typename scalar_t, typename acc_t>
 inline acc_t load_normalized_row(const scalar_t* x, int64_t stride_d, int64_t d, acc_t* __restrict out) {
   acc_t ss = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i * stride_d]);
-    out[i] = v;
-    ss += v * v;
+  if (stride_d == 1) {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]);
+      out[i] = v;
+      ss += v * v;
+    }
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i * stride_d]);
+      out[i] = v;
+      ss += v * v;
+    }
   }
   const acc_t norm = std::sqrt(ss);
-  const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
-  for (int64_t i = 0; i < d; ++i) out[i] /= denom;
+  const acc_t inv = acc_t(1) / std::max(norm, static_cast<acc_t>(kNormEps));
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
   return norm;
 }
 
@@ -326,14 +338,14 @@ void assemble_grad_x(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_c
         }
         const acc_t norm = load_normalized_row(x_ptr + n * sx0, sx1, d, xh.data());
         scalar_t* out = gx + n * d;
+        acc_t dot = 0;
         if (norm > static_cast<acc_t>(kNormEps)) {
-          acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
           for (int64_t c = 0; c < d; ++c) dot += acc[c] * xh[c];
-          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) / norm);
-        } else {
-          for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>(acc[c] / static_cast<acc_t>(kNormEps));
         }
+        const acc_t inv = acc_t(1) / std::max(norm, static_cast<acc_t>(kNormEps));
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) * inv);
       }
     }
   });

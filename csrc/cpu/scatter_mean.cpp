@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/huge_pages.h"
 #include "cpu/segments.h"
 
 namespace protoseg {
@@ -70,7 +71,7 @@ at::Tensor scatter_mean_backward_cpu(const at::Tensor& grad_mean, const at::Tens
   const auto idx = index.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   check_range_host(ip, n, s, "index", "num_segments", /*allow_negative=*/true, 0, false);
-  auto grad_x = at::empty({n, d}, grad_mean.options());
+  auto grad_x = cpu::empty_output({n, d}, grad_mean.options());
   if (n == 0) return grad_x;
   const auto g = grad_mean.contiguous();
   const auto cnt = count.contiguous();
