@@ -46,6 +46,14 @@ TORCH_LIBRARY(protoseg, m) {
       "sinkhorn(Tensor scores, Tensor labels, int num_classes, int iterations, float epsilon) "
       "-> (Tensor q, Tensor assignment)");
 
+  // The embedding normalisation of DESIGN.md section 1, inference step 2, fused:
+  //   out = y / max(||y||, 1e-12) with y = LayerNorm_D(x; weight, bias, eps),
+  //   stats [N, 3] fp32/fp64 = (mean, rstd, ||y||) per row, kept for the backward.
+  m.def("layer_norm_normalize(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor stats)");
+  m.def(
+      "layer_norm_normalize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor stats) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // Deterministic segment mean: mean[s] = mean of x[n] over index[n] == s.
   m.def("scatter_mean(Tensor x, Tensor index, int num_segments) -> (Tensor mean, Tensor count)");
   m.def("scatter_mean_backward(Tensor grad_mean, Tensor index, Tensor count) -> Tensor grad_x");

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import protoseg.ops as ops
@@ -303,6 +304,45 @@ def test_scatter_mean(case, dtype):
 # ---- edge cases ------------------------------------------------------------------------------
 
 
+def _layer_norm_affine(d: int, dtype: torch.dtype, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    weight = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    bias = 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    return weight.to(dtype), bias.to(dtype)
+
+
+def _unit_layer_norm(x, weight, bias):
+    """The reference composition the classifier used before the fused op."""
+    return F.normalize(F.layer_norm(x, (x.shape[1],), weight, bias, 1e-5), dim=-1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_normalize(case, dtype):
+    s = make_sample(case, dtype)
+    x = s.x * 3 + 1  # off-centre rows, in the case's layout
+    x = _layout(x.contiguous(), case.layout)
+    w, b = _layer_norm_affine(case.d, dtype)
+    out, stats = torch.ops.protoseg.layer_norm_normalize(x, w, b, 1e-5)
+    out_lp, stats_lp = ref.layer_norm_normalize(x, w, b, 1e-5)
+    out64, stats64 = ref.layer_norm_normalize(*_f64(x, w, b), 1e-5)
+    assert_matches(out, out_lp, out64, "out")
+    assert_matches(stats, stats_lp, stats64, "stats")
+
+    g = torch.randn(case.n, case.d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def grads(fn, x, w, b):
+        leaves = [t.detach().contiguous().clone().requires_grad_(True) for t in (x, w, b)]
+        out = fn(_layout(leaves[0], case.layout), leaves[1], leaves[2])
+        return torch.autograd.grad((out * g.to(out.dtype)).sum(), leaves)
+
+    ours = grads(ops.layer_norm_normalize, x, w, b)
+    lp = grads(_unit_layer_norm, x, w, b)
+    r64 = grads(_unit_layer_norm, *_f64(x, w, b))
+    for name, a, b_lp, c in zip(("grad_x", "grad_weight", "grad_bias"), ours, lp, r64):
+        assert_matches(a, b_lp, c, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_zero_norm_rows_follow_f_normalize(dtype):
     s = make_sample(CASE["odd"], dtype)
@@ -461,15 +501,11 @@ def test_gradcheck(case):
         )
         assert torch.autograd.gradcheck(train, (x,))
         assert torch.autograd.gradcheck(lambda x: ops.scatter_mean(_layout(x, lay), index, s_count)[0], (x,))
+        w, b = (t.requires_grad_(True) for t in _layer_norm_affine(case.d, torch.float64))
+        assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm_normalize(_layout(x, lay), w, b), (x, w, b))
 
 
 # ---- opcheck ---------------------------------------------------------------------------------
-
-# Known bug (reported to the lead): csrc/protoseg.cpp:12 says m.set_python_module("protoseg.ops"),
-# but the fake kernels are registered from protoseg.ops.similarity and protoseg.ops.segments, so
-# every fake-tensor call (opcheck, torch.compile, meta) raises "specified that its python fake
-# impl is in the Python module 'protoseg.ops' but it was actually found in ...".
-
 
 def _opcheck_calls(s: Sample):
     """(op, args) for every forward and backward op on one sample."""
@@ -488,7 +524,11 @@ def _opcheck_calls(s: Sample):
         return torch.randn(t.shape, generator=gen).to(t.dtype)
 
     grad_scalar = torch.tensor(0.3, dtype=x.dtype)
+    w, b = _layer_norm_affine(x.shape[1], x.dtype)
+    _, stats = P.layer_norm_normalize(x, w, b, 1e-5)
     return [
+        (P.layer_norm_normalize.default, (xg, w.requires_grad_(True), b, 1e-5)),
+        (P.layer_norm_normalize_backward.default, (randn_like(x), x, w.detach(), b, stats)),
         (P.proto_similarity.default, (xg, s.prototypes)),
         (P.proto_contrast_loss.default, (xg, s.prototypes, s.target, tau, ign)),
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau)),
@@ -558,7 +598,14 @@ def _bad_calls():
         ops.scatter_mean,
     )
     bad_long = torch.tensor([0, 1, 2, 3, 0, 1])  # 3 == K
+    ln, w, b = ops.layer_norm_normalize, torch.ones(4), torch.zeros(4)
     return {
+        "layer_norm x rank": (lambda: ln(x[0], w, b), r"x must be \[N, D\]"),
+        "layer_norm integer x": (lambda: ln(x.long(), w.long(), b.long()), "x must be float16"),
+        "layer_norm weight size": (lambda: ln(x, torch.ones(5), b), r"weight must be \[D\] with D == x.size\(1\)"),
+        "layer_norm bias rank": (lambda: ln(x, w, b[None]), r"bias must be \[D\]"),
+        "layer_norm weight dtype": (lambda: ln(x, w.double(), b), "weight must have the dtype of x"),
+        "layer_norm eps < 0": (lambda: ln(x, w, b, -1e-5), "eps must be a non-negative"),
         "sim x rank": (lambda: sim(x[None], p), r"x must be \[N, D\]"),
         "sim prototypes rank": (lambda: sim(x, p[0]), r"prototypes must be \[K, M, D\]"),
         "sim D mismatch": (lambda: sim(x, torch.randn(3, 2, 5)), r"prototypes must be \[K, M, D\] with D"),
@@ -619,6 +666,8 @@ def _mixed_device_calls(device):
         "sinkhorn labels": (P.sinkhorn.default, (torch.rand(6, 2), lab.to(device), 3, 3, 0.05),
                             f"labels {same} scores"),
         "index": (P.scatter_mean.default, (x, lab.to(device), 3), f"index {same} x"),
+        "weight": (P.layer_norm_normalize.default, (x, torch.ones(4, device=device), torch.zeros(4), 1e-5),
+                   f"weight {same} x"),
     }
 
 
@@ -661,10 +710,27 @@ def test_scatter_mean_and_sinkhorn_bitwise_deterministic_across_threads():
     assert torch.equal(runs[0][3], assignment64)
 
 
+def test_layer_norm_normalize_gradients_bitwise_deterministic_across_threads():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(5000, 48, generator=gen)
+    w, b = _layer_norm_affine(48, torch.float32)
+    g = torch.randn(5000, 48, generator=gen)
+    _, stats = torch.ops.protoseg.layer_norm_normalize(x, w, b, 1e-5)
+    runs = []
+    for t in (2, 1, 2, 1):
+        with num_threads(t):
+            runs.append(torch.ops.protoseg.layer_norm_normalize_backward(g, x, w, b, stats))
+    for run in runs[1:]:
+        for a, c in zip(runs[0], run):
+            assert torch.equal(a, c)
+
+
 # ---- double backward, autocast --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["proto_similarity", "proto_contrast_loss", "proto_train", "scatter_mean"])
+@pytest.mark.parametrize(
+    "op", ["proto_similarity", "proto_contrast_loss", "proto_train", "scatter_mean", "layer_norm_normalize"]
+)
 def test_double_backward_raises(op):
     s = make_sample(CASE["odd"], torch.float64)
     x = s.x.clone().requires_grad_(True)
@@ -673,6 +739,7 @@ def test_double_backward_raises(op):
         "proto_contrast_loss": lambda: torch.stack(ops.proto_contrast_loss(x, s.prototypes, s.target)),
         "proto_train": lambda: ops.proto_train(x, s.prototypes, s.labels).lse,
         "scatter_mean": lambda: ops.scatter_mean(x, s.labels, s.case.k)[0],
+        "layer_norm_normalize": lambda: ops.layer_norm_normalize(x, *_layer_norm_affine(s.case.d, x.dtype)),
     }[op]()
     (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/simd.h"
 
 namespace protoseg {
 namespace cpu {
@@ -42,29 +43,6 @@ inline at::Tensor normalized_prototypes(const at::Tensor& prototypes, at::Scalar
   return (p / p.norm(2, {1}, /*keepdim=*/true).clamp_min(kNormEps)).contiguous();
 }
 
-// exp for x <= 0 written so GCC vectorises the loops that call it (Cephes expf polynomial,
-// about 1 ulp). Inputs below the float range clamp to exp(-87.3) ~ 1e-38, which is 0 next to
-// the row maximum's exp(0) = 1 that every row sum contains.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.3f);
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f;
-  r = r + fx * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
 template <typename acc_t>
 inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t d) {
 #pragma omp simd
@@ -74,22 +52,12 @@ inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_
 // Reads row n of x into `out` as acc_t, divided by max(||x_n||, eps); returns the norm.
 template <typename scalar_t, typename acc_t>
 inline acc_t load_normalized_row(const scalar_t* x, int64_t stride_d, int64_t d, acc_t* __restrict out) {
-  acc_t ss = 0;
   if (stride_d == 1) {
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < d; ++i) {
-      const acc_t v = static_cast<acc_t>(x[i]);
-      out[i] = v;
-      ss += v * v;
-    }
+    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<acc_t>(x[i]);
   } else {
-    for (int64_t i = 0; i < d; ++i) {
-      const acc_t v = static_cast<acc_t>(x[i * stride_d]);
-      out[i] = v;
-      ss += v * v;
-    }
+    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<acc_t>(x[i * stride_d]);
   }
-  const acc_t norm = std::sqrt(ss);
+  const acc_t norm = std::sqrt(dot(out, out, d));
   const acc_t inv = acc_t(1) / std::max(norm, static_cast<acc_t>(kNormEps));
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) out[i] *= inv;
@@ -173,25 +141,11 @@ void prototype_pass(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_cl
           out.target_logit[n] = (t >= 0 && t < km) ? s[t] : acc_t(0);
         }
         if (out.lse) {
-          acc_t mx = s[0];
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 1; j < km; ++j) mx = std::max(mx, s[j]);
-          // The row sum runs over up to K*M exps: accumulate in double (a float32 sum of
-          // 36000 terms loses ~20x the precision of torch.logsumexp).
-          double sum = 0;
-          if (out.weighted) {
-            // exp in place: the tile becomes the unnormalised softmax fed to the second GEMM.
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < km; ++j) {
-              const acc_t v = exp_nonpositive((s[j] - mx) * inv_tau);
-              s[j] = v;
-              sum += v;
-            }
-            row_sum[i] = static_cast<acc_t>(sum);
-          } else {
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < km; ++j) sum += exp_nonpositive((s[j] - mx) * inv_tau);
-          }
+          const acc_t mx = row_max(s, km);
+          // exp in place when `weighted` is wanted: the tile becomes the unnormalised softmax fed
+          // to the second GEMM.
+          const double sum = exp_shifted_sum(s, km, mx, inv_tau, /*store=*/out.weighted != nullptr);
+          if (out.weighted) row_sum[i] = static_cast<acc_t>(sum);
           out.lse[n] = static_cast<acc_t>(static_cast<double>(mx * inv_tau) + std::log(sum));
         }
       }
@@ -241,17 +195,6 @@ constexpr int64_t kGatherRows = 256;
 constexpr int64_t kClassSlab = 16;
 constexpr int kGatherRegs = 8;
 
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
 // out[0, kGatherRegs * lanes) += sum_{k in [k0, k1)} g[k] p[(k*M + idx[k]) * d + ...], the
 // accumulators held in registers.
 template <typename scalar_t, typename acc_t>
@@ -261,19 +204,15 @@ inline void gather_tile(const scalar_t* g, const int64_t* idx, const acc_t* p, i
   constexpr int64_t lanes = sizeof(V) / sizeof(acc_t);
   V a[kGatherRegs];
 #pragma GCC unroll 8
-  for (int r = 0; r < kGatherRegs; ++r) std::memcpy(&a[r], out + r * lanes, sizeof(V));
+  for (int r = 0; r < kGatherRegs; ++r) a[r] = load_vec(out + r * lanes);
   for (int64_t k = k0; k < k1; ++k) {
     const acc_t c = static_cast<acc_t>(g[k]);
     const acc_t* row = p + (k * m_protos + idx[k]) * d;
 #pragma GCC unroll 8
-    for (int r = 0; r < kGatherRegs; ++r) {
-      V v;
-      std::memcpy(&v, row + r * lanes, sizeof(V));
-      a[r] += c * v;
-    }
+    for (int r = 0; r < kGatherRegs; ++r) a[r] += c * load_vec(row + r * lanes);
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kGatherRegs; ++r) std::memcpy(out + r * lanes, &a[r], sizeof(V));
+  for (int r = 0; r < kGatherRegs; ++r) store_vec(out + r * lanes, a[r]);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -338,11 +277,7 @@ void assemble_grad_x(const at::Tensor& x, const at::Tensor& p_hat, int64_t num_c
         }
         const acc_t norm = load_normalized_row(x_ptr + n * sx0, sx1, d, xh.data());
         scalar_t* out = gx + n * d;
-        acc_t dot = 0;
-        if (norm > static_cast<acc_t>(kNormEps)) {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < d; ++c) dot += acc[c] * xh[c];
-        }
+        const acc_t dot = norm > static_cast<acc_t>(kNormEps) ? cpu::dot(acc, xh.data(), d) : acc_t(0);
         const acc_t inv = acc_t(1) / std::max(norm, static_cast<acc_t>(kNormEps));
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) out[c] = static_cast<scalar_t>((acc[c] - xh[c] * dot) * inv);

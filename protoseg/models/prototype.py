@@ -159,12 +159,13 @@ class PrototypeClassifier(nn.Module):
     def forward(self, x: Tensor, target: Tensor | None = None):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must be [N, {self.dim}] (got {list(x.shape)})")
-        x = self.feat_norm(x)
         training = self.training and target is not None
         if training and (target.dim() != 1 or target.shape[0] != x.shape[0]):
             raise ValueError(f"target must be [N] with N == x.size(0) == {x.shape[0]} (got {list(target.shape)})")
         if self.impl == "reference":
-            return self._forward_reference(x, target if training else None)
+            return self._forward_reference(self.feat_norm(x), target if training else None)
+        # feat_norm and the L2 normalisation in one op; x is unit rows from here on.
+        x = ops.layer_norm_normalize(x, self.feat_norm.weight, self.feat_norm.bias, self.feat_norm.eps)
         prototypes = F.normalize(self.prototypes, dim=-1)
         if not training:
             scores, _ = ops.proto_similarity(x, prototypes)
@@ -188,7 +189,7 @@ class PrototypeClassifier(nn.Module):
             update_with = self._gumbel_assignment(q, valid) if self.update_assignment == "gumbel" else assignment
             correct = valid & (logits.argmax(dim=1) == labels)
             bucket = torch.where(correct, labels * self.num_prototypes + update_with, torch.full_like(labels, -1))
-            self._update(F.normalize(x.detach(), dim=-1), bucket)
+            self._update(x.detach(), bucket)
         return logits, ppc, ppd
 
     @staticmethod

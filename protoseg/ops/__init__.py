@@ -9,11 +9,13 @@ import torch  # noqa: F401  (loads libc10/libtorch, which protoseg._C links agai
 from protoseg import _C  # noqa: F401  (registers the operators)
 from protoseg.ops import _fake  # noqa: F401  (fake kernels; csrc/protoseg.cpp names this module)
 from protoseg.ops import reference
+from protoseg.ops.embedding import layer_norm_normalize
 from protoseg.ops.segments import scatter_mean, sinkhorn
 from protoseg.ops.similarity import TrainPass, proto_contrast_loss, proto_similarity, proto_train
 
 __all__ = [
     "TrainPass",
+    "layer_norm_normalize",
     "proto_contrast_loss",
     "proto_similarity",
     "proto_train",

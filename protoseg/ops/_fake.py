@@ -96,6 +96,32 @@ def _(scores, labels, num_classes, iterations, epsilon):
     return scores.new_empty(scores.shape, dtype=torch.float32), labels.new_empty(labels.shape)
 
 
+def _layer_norm_args(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    _embeddings(x)
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        _check(
+            t.dim() == 1 and t.shape[0] == x.shape[1],
+            f"{name} must be [D] with D == x.size(1) == {x.shape[1]} (got {list(t.shape)})",
+        )
+        _check(t.dtype == x.dtype, f"{name} must have the dtype of x (got {t.dtype} and x {x.dtype})")
+        _same_device(t, x, name, "x")
+
+
+@torch.library.register_fake("protoseg::layer_norm_normalize")
+def _(x, weight, bias, eps):
+    _layer_norm_args(x, weight, bias)
+    _check(0 <= eps < float("inf"), f"eps must be a non-negative finite number (got {eps})")
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 3, dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("protoseg::layer_norm_normalize_backward")
+def _(grad_out, x, weight, bias, stats):
+    _layer_norm_args(x, weight, bias)
+    _check(grad_out.shape == x.shape, f"grad_out must be {list(x.shape)} (got {list(grad_out.shape)})")
+    _check(stats.shape == (x.shape[0], 3), f"stats must be [{x.shape[0]}, 3] (got {list(stats.shape)})")
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
 @torch.library.register_fake("protoseg::scatter_mean")
 def _(x, index, num_segments):
     _embeddings(x)

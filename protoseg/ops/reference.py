@@ -108,3 +108,14 @@ def scatter_mean(x, index, num_segments: int):
     count = torch.bincount(idx, minlength=num_segments)
     mean = sums / count.clamp(min=1).unsqueeze(1).to(acc)
     return mean.to(x.dtype), count
+
+
+def layer_norm_normalize(x, weight, bias, eps: float):
+    """out [N, D] (dtype of x) = unit rows of LayerNorm(x); stats [N, 3] = (mean, rstd, ||y||)."""
+    acc = _acc_dtype(x.dtype)
+    xa = x.to(acc)
+    y = F.layer_norm(xa, (x.shape[1],), weight.to(acc), bias.to(acc), eps)
+    mean = xa.mean(dim=1)
+    rstd = torch.rsqrt((xa - mean[:, None]).square().mean(dim=1) + eps)
+    norm = y.norm(dim=1)
+    return F.normalize(y, dim=-1, eps=1e-12).to(x.dtype), torch.stack((mean, rstd, norm), dim=1)

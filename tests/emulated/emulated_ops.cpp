@@ -6,6 +6,7 @@
 
 #include "cuda/launchers.h"
 #include "grid_executor.h"
+#include "layer_norm_normalize.h"
 
 namespace {
 
@@ -61,6 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           auto ex = exec();
           return pc::proto_train_backward(ex, gs, go, gl, x, p, labels, index, weighted, tau);
         });
+  // CUDA runs layer_norm_normalize as an ATen composite (no kernel of its own): the same code here.
+  m.def("layer_norm_normalize", &protoseg::composite::layer_norm_normalize);
+  m.def("layer_norm_normalize_backward", &protoseg::composite::layer_norm_normalize_backward);
   m.def("sinkhorn", [](const at::Tensor& s, const at::Tensor& labels, int64_t k, int64_t iters, double eps) {
     auto ex = exec();
     return pc::sinkhorn(ex, s, labels, k, iters, eps);

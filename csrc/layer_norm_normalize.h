@@ -1,0 +1,82 @@
+// layer_norm_normalize: argument checks shared by the CPU kernel and the CUDA entry point, and
+// the op written in ATen calls (`composite`), which is what CUDA runs: LayerNorm, a row norm and
+// elementwise passes, not yet one fused kernel. The composite is device-agnostic, so the tests
+// also run it on the CPU (tests/emulated) against the reference.
+//
+// Per row of x [N, D]: mean, rstd = 1 / sqrt(var + eps) (biased variance, as LayerNorm),
+// z = (x - mean) * rstd, y = z * weight + bias, out = y / max(||y||, 1e-12).
+// Backward, with s = 1 / max(||y||, 1e-12) and g = grad_out[n]:
+//   grad_y = (g - out * <g, out>) * s          (g * s where ||y|| <= 1e-12, as F.normalize)
+//   grad_weight += grad_y * z, grad_bias += grad_y, gz = grad_y * weight,
+//   grad_x = rstd * (gz - mean(gz) - z * mean(gz * z)).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+namespace protoseg {
+
+constexpr double kRowNormEps = 1e-12;  // as F.normalize
+
+inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_embeddings(x);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"}, {bias, "bias"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must be [D] with D == x.size(1) == ", x.size(1),
+                " (got ", shape_str(t), ")");
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (got ", t.scalar_type(),
+                " and x ", x.scalar_type(), ")");
+    check_same_device(t, x, name, "x");
+  }
+  TORCH_CHECK(eps >= 0.0 && eps < std::numeric_limits<double>::infinity(),
+              "eps must be a non-negative finite number (got ", eps, ")");
+}
+
+inline void check_layer_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& bias, const at::Tensor& stats) {
+  check_layer_norm_args(x, weight, bias, 0.0);
+  check_shape(grad_out, "grad_out", x.sizes());
+  check_floating(grad_out, "grad_out");
+  check_same_device(grad_out, x, "grad_out", "x");
+  check_shape(stats, "stats", {x.size(0), 3});
+  TORCH_CHECK(stats.scalar_type() == at::toOpMathType(x.scalar_type()), "stats must be ",
+              at::toOpMathType(x.scalar_type()), " (got ", stats.scalar_type(), ")");
+  check_same_device(stats, x, "stats", "x");
+}
+
+namespace composite {
+
+inline std::tuple<at::Tensor, at::Tensor> layer_norm_normalize(const at::Tensor& x, const at::Tensor& weight,
+                                                               const at::Tensor& bias, double eps) {
+  check_layer_norm_args(x, weight, bias, eps);
+  const int64_t n = x.size(0), d = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto [y, mean, rstd] = at::native_layer_norm(x.to(acc), {d}, weight.to(acc), bias.to(acc), eps);
+  const auto norm = y.norm(2, {1});
+  const auto out = (y / norm.clamp_min(kRowNormEps).unsqueeze(1)).to(x.scalar_type()).contiguous();
+  return {out, at::stack({mean.reshape({n}), rstd.reshape({n}), norm}, 1)};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_backward(const at::Tensor& grad_out,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& weight,
+                                                                                    const at::Tensor& bias,
+                                                                                    const at::Tensor& stats) {
+  check_layer_norm_backward_args(grad_out, x, weight, bias, stats);
+  const auto acc = stats.scalar_type();
+  const auto w = weight.to(acc), b = bias.to(acc), g = grad_out.to(acc);
+  const auto mean = stats.select(1, 0).unsqueeze(1), rstd = stats.select(1, 1).unsqueeze(1);
+  const auto norm = stats.select(1, 2).unsqueeze(1);
+  const auto z = (x.to(acc) - mean) * rstd;
+  const auto s = norm.clamp_min(kRowNormEps).reciprocal();
+  const auto out = (z * w + b) * s;
+  const auto dot = at::where(norm > kRowNormEps, (g * out).sum(1, /*keepdim=*/true), at::zeros_like(norm));
+  const auto gy = (g - out * dot) * s;
+  const auto gz = gy * w;
+  const auto grad_x = rstd * (gz - gz.mean(1, /*keepdim=*/true) - z * (gz * z).mean(1, /*keepdim=*/true));
+  return {grad_x.to(x.scalar_type()), (gy * z).sum(0).to(weight.scalar_type()), gy.sum(0).to(bias.scalar_type())};
+}
+
+}  // namespace composite
+
+}  // namespace protoseg
