@@ -124,6 +124,24 @@ def test_scatter_mean_parity_and_determinism(dtype, n):
         _close(g_dev, g_cpu, dtype, "grad_x")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 3000, 1 << 20])
+def test_layer_norm_normalize_parity(dtype, n):
+    g = torch.Generator().manual_seed(5)
+    inputs = [(torch.randn(n, 720, generator=g) * 3 + 1).to(dtype), (1 + 0.3 * torch.randn(720, generator=g)).to(dtype),
+              (0.3 * torch.randn(720, generator=g)).to(dtype)]
+    grad = torch.randn(n, 720, generator=g).to(dtype)
+    cpu = [t.clone().requires_grad_() for t in inputs]
+    dev = [t.cuda().requires_grad_() for t in inputs]
+    out_cpu, out_dev = ops.layer_norm_normalize(*cpu), ops.layer_norm_normalize(*dev)
+    _close(out_dev.detach(), out_cpu.detach(), dtype, "out")
+    if n:
+        g_cpu = torch.autograd.grad(out_cpu, cpu, grad)
+        g_dev = torch.autograd.grad(out_dev, dev, grad.cuda())
+        for name, a, c in zip(("grad_x", "grad_weight", "grad_bias"), g_dev, g_cpu):
+            _close(a, c, dtype, name)
+
+
 @pytest.mark.slow
 def test_64bit_indexing():
     """N * D > 2^31 elements: the last rows are right (int32 offsets would wrap)."""

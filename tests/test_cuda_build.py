@@ -36,6 +36,7 @@ import ptxas_report  # noqa: E402
 OPS = [
     "proto_similarity", "proto_similarity_backward", "proto_contrast_loss", "proto_contrast_loss_backward",
     "proto_train", "proto_train_backward", "sinkhorn", "scatter_mean", "scatter_mean_backward",
+    "layer_norm_normalize", "layer_norm_normalize_backward",
 ]
 DEFAULT_ARCHS = "7.5;8.0;8.6;9.0+PTX"
 

@@ -266,6 +266,33 @@ def test_scatter_mean_noncontiguous(emu):
     assert torch.equal(mean, cm) and torch.equal(count, cc)
 
 
+# ---- layer_norm_normalize (CUDA runs it as an ATen composite: the same code here) ---------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 300])
+def test_layer_norm_normalize_composite(emu, dtype, n):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(70, n, generator=g, dtype=torch.float64).t() * 3 + 1).to(dtype)  # non-contiguous
+    w = (1 + 0.3 * torch.randn(70, generator=g, dtype=torch.float64)).to(dtype)
+    b = (0.3 * torch.randn(70, generator=g, dtype=torch.float64)).to(dtype)
+    out, stats = emu.layer_norm_normalize(x, w, b, 1e-5)
+    r_out, r_stats = ref.layer_norm_normalize(x, w, b, 1e-5)
+    r64_out, r64_stats = ref.layer_norm_normalize(x.double(), w.double(), b.double(), 1e-5)
+    assert out.dtype == dtype and stats.dtype == r_stats.dtype
+    _check(out, r_out, r64_out, dtype, "out")
+    _check(stats, r_stats, r64_stats, dtype, "stats")
+    grad = torch.randn(n, 70, generator=g).to(dtype)
+    ours = emu.layer_norm_normalize_backward(grad, x, w, b, stats)
+    cpu = torch.ops.protoseg.layer_norm_normalize_backward(grad, x, w, b, torch.ops.protoseg.layer_norm_normalize(
+        x, w, b, 1e-5)[1])
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    r64 = torch.autograd.grad(ref.layer_norm_normalize(*leaves, 1e-5)[0], leaves, grad.double())
+    for name, a, c, e in zip(("grad_x", "grad_weight", "grad_bias"), ours, cpu, r64):
+        assert a.dtype == dtype
+        _check(a, c, e, dtype, name)
+
+
 # ---- shapes, strides, empty inputs, bad input -----------------------------------------------------
 
 
