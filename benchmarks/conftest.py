@@ -55,5 +55,8 @@ def pytest_terminal_summary(terminalreporter):
         for name, t in times.items():
             ratio = f"{t / times[base]:.2f}x {base}" if base in times else "(no baseline)"
             tr.write_line(f"{group:<34} {name:<22} {t * 1e3:10.1f} ms   {ratio}")
+        if "fused" in times and "reference" in times:
+            speedup = times["reference"] / times["fused"]
+            tr.write_line(f"{group:<34} {'reference / fused':<22} {speedup:10.2f}x")
     for line in _EXTRA:
         tr.write_line(line)

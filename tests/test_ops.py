@@ -725,6 +725,22 @@ def test_layer_norm_normalize_gradients_bitwise_deterministic_across_threads():
             assert torch.equal(a, c)
 
 
+def test_large_outputs_reuse_freed_blocks():
+    # Outputs of 16 MB or more come from csrc/cpu/huge_pages.h, which keeps freed blocks for the
+    # next output of the same size: the second call gets the first call's memory back, and its
+    # results do not depend on what that memory held.
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(8192, 512, generator=gen)  # weighted [8192, 512] float32 = 16 MB
+    p = torch.randn(5, 3, 512, generator=gen)
+    labels = torch.randint(0, 5, (8192,), generator=gen)
+    first = ops.proto_train(x, p, labels, 0.1).weighted
+    ptr, expected = first.data_ptr(), first.clone()
+    del first
+    second = ops.proto_train(x, p, labels, 0.1).weighted
+    assert second.data_ptr() == ptr
+    assert torch.equal(second, expected)
+
+
 # ---- double backward, autocast --------------------------------------------------------------
 
 
