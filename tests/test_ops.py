@@ -44,11 +44,11 @@ CASES = [
     Case("odd", 37, 5, 3, 7),
     Case("transposed", 50, 4, 3, 6, "transposed"),
     Case("strided", 45, 6, 2, 5, "strided"),
-    # 2^21 // 8470 = 247 rows per chunk: two chunks, the second partial; x transposed.
-    Case("km8470", 300, 847, 10, 16, "transposed"),
-    # 2^21 // 36000 < 64, so chunks of the 64-row minimum (64 + 64 + 12 rows); K*M > 255 with
+    # 2^22 // 8470 = 495 rows per chunk: two chunks, the second partial; x transposed.
+    Case("km8470", 600, 847, 10, 16, "transposed"),
+    # 2^22 // 72000 < 64, so chunks of the 64-row minimum (64 + 64 + 12 rows); K*M > 255 with
     # ignore_index 255.
-    Case("min_rows", 140, 3000, 12, 4, "strided", ignore_index=255),
+    Case("min_rows", 140, 6000, 12, 4, "strided", ignore_index=255),
     # The CPU backward's register tiles: D = 100 is one 64-float tile (three 32-double tiles)
     # plus a tail; 40 classes are three class slabs; 600 pixels are three pixel blocks.
     Case("tiled", 600, 40, 3, 100),

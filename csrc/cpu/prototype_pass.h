@@ -26,12 +26,12 @@ namespace cpu {
 
 constexpr double kNormEps = 1e-12;  // as F.normalize
 
-// Rows per chunk: the tile [rows, K*M] is at most 2^21 entries (8 MB in fp32), and at most
+// Rows per chunk: the tile [rows, K*M] is at most 2^22 entries (16 MB in fp32), and at most
 // 1024 rows so that the normalised rows [rows, D] and the `weighted` rows the second GEMM
 // writes stay in cache between the GEMMs and the epilogue (bigger chunks add two memory
 // passes over [N, D] without making the GEMMs faster).
 inline int64_t chunk_rows(int64_t n, int64_t km) {
-  const int64_t budget = int64_t{1} << 21;
+  const int64_t budget = int64_t{1} << 22;
   const int64_t rows = std::min<int64_t>(1024, std::max<int64_t>(64, budget / std::max<int64_t>(km, 1)));
   return std::max<int64_t>(1, std::min<int64_t>(n, rows));
 }
