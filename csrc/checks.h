@@ -63,6 +63,20 @@ inline void check_positive(double v, const char* name) {
               v, ")");
 }
 
+// sinkhorn's arguments, all but the range of the labels (which the CPU checks on the host and
+// CUDA on the device).
+inline void check_sinkhorn_args(const at::Tensor& scores, const at::Tensor& labels, int64_t num_classes,
+                                int64_t iterations, double epsilon) {
+  TORCH_CHECK(scores.dim() == 2, "scores must be [N, M] (got ", shape_str(scores), ")");
+  check_floating(scores, "scores");
+  check_index_vector(labels, "labels", scores.size(0), scores, "scores");
+  TORCH_CHECK(num_classes >= 1, "num_classes must be >= 1 (got ", num_classes, ")");
+  TORCH_CHECK(iterations >= 0, "iterations must be >= 0 (got ", iterations, ")");
+  check_positive(epsilon, "epsilon");
+  TORCH_CHECK(scores.size(1) >= 1 || scores.size(0) == 0,
+              "scores must have at least one prototype column (got ", shape_str(scores), ")");
+}
+
 // Host-side range check of an int64 vector: every entry is in [0, upper), or (when
 // allow_negative) negative, or equal to `ignore`. Raises naming the first offending entry.
 inline void check_range_host(const int64_t* v, int64_t n, int64_t upper, const char* name, const char* upper_name,

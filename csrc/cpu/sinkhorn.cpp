@@ -58,14 +58,8 @@ void sinkhorn_class(const scalar_t* scores, const int64_t* pixels, int64_t n, in
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& labels,
                                                 int64_t num_classes, int64_t iterations, double epsilon) {
-  TORCH_CHECK(scores.dim() == 2, "scores must be [N, M] (got ", shape_str(scores), ")");
-  check_floating(scores, "scores");
-  check_index_vector(labels, "labels", scores.size(0), scores, "scores");
-  TORCH_CHECK(num_classes >= 1, "num_classes must be >= 1 (got ", num_classes, ")");
-  TORCH_CHECK(iterations >= 0, "iterations must be >= 0 (got ", iterations, ")");
-  check_positive(epsilon, "epsilon");
+  check_sinkhorn_args(scores, labels, num_classes, iterations, epsilon);
   const int64_t n = scores.size(0), m = scores.size(1);
-  TORCH_CHECK(m >= 1 || n == 0, "scores must have at least one prototype column (got ", shape_str(scores), ")");
   const auto lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
   check_range_host(lp, n, num_classes, "labels", "num_classes", /*allow_negative=*/true, 0, false);

@@ -452,14 +452,8 @@ at::Tensor proto_contrast_loss_backward(Exec& ex, const at::Tensor& grad_ppc, co
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> sinkhorn(Exec& ex, const at::Tensor& scores, const at::Tensor& labels,
                                             int64_t num_classes, int64_t iterations, double epsilon) {
-  TORCH_CHECK(scores.dim() == 2, "scores must be [N, M] (got ", shape_str(scores), ")");
-  check_floating(scores, "scores");
-  check_index_vector(labels, "labels", scores.size(0), scores, "scores");
-  TORCH_CHECK(num_classes >= 1, "num_classes must be >= 1 (got ", num_classes, ")");
-  TORCH_CHECK(iterations >= 0, "iterations must be >= 0 (got ", iterations, ")");
-  check_positive(epsilon, "epsilon");
+  check_sinkhorn_args(scores, labels, num_classes, iterations, epsilon);
   const int64_t n = scores.size(0), m = scores.size(1), k = num_classes;
-  TORCH_CHECK(m >= 1 || n == 0, "scores must have at least one prototype column (got ", shape_str(scores), ")");
   auto q = at::zeros({n, m}, scores.options().dtype(at::kFloat));
   auto assignment = at::full({n}, -1, labels.options());
   if (n == 0) return {q, assignment};
