@@ -12,6 +12,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <limits>
+#include <utility>
 
 #include "checks.h"
 
