@@ -1,0 +1,36 @@
+"""The classifier's embedding normalisation, forward and backward, at N x D = 32768 x 720:
+ops.layer_norm_normalize (one fused pass each way) vs the composition it replaces,
+F.normalize(F.layer_norm(x)), both with autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROUNDS, D, N, run
+
+from protoseg import ops
+
+
+def _composed(x, weight, bias):
+    return F.normalize(F.layer_norm(x, (x.shape[1],), weight, bias, 1e-5), dim=-1)
+
+
+IMPLS = {"layer_norm_then_normalize": _composed, "layer_norm_normalize": ops.layer_norm_normalize}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_layer_norm_normalize(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, D, generator=g) * 3 + 1).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(D, generator=g)).requires_grad_()
+    bias = (0.3 * torch.randn(D, generator=g)).requires_grad_()
+    grad = torch.randn(N, D, generator=g)
+    fn = IMPLS[impl]
+    if impl == "layer_norm_normalize":
+        torch.testing.assert_close(fn(x, weight, bias), _composed(x, weight, bias), rtol=1e-5, atol=1e-6)
+
+    def step():
+        torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad)
+
+    run(benchmark, "embedding norm fwd+bwd", impl, step, baseline="layer_norm_then_normalize", rounds=ROUNDS)
