@@ -1,7 +1,8 @@
 // layer_norm_normalize: argument checks shared by the CPU kernel and the CUDA entry point, and
-// the op written in ATen calls (`composite`), which is what CUDA runs: LayerNorm, a row norm and
-// elementwise passes, not yet one fused kernel. The composite is device-agnostic, so the tests
-// also run it on the CPU (tests/emulated) against the reference.
+// the op written in ATen calls (`composite`), which is what CUDA runs: torch's LayerNorm forward
+// and backward kernels around the row norm and a few elementwise passes, not yet one fused
+// kernel. The composite is device-agnostic, so the tests also run it on the CPU
+// (tests/emulated) against the reference.
 //
 // Per row of x [N, D]: mean, rstd = 1 / sqrt(var + eps) (biased variance, as LayerNorm),
 // z = (x - mean) * rstd, y = z * weight + bias, out = y / max(||y||, 1e-12).
@@ -68,17 +69,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_backw
                                                                                     const at::Tensor& stats) {
   check_layer_norm_backward_args(grad_out, x, weight, bias, stats);
   const auto acc = stats.scalar_type();
-  const auto w = weight.to(acc), b = bias.to(acc), g = grad_out.to(acc);
-  const auto mean = stats.select(1, 0).unsqueeze(1), rstd = stats.select(1, 1).unsqueeze(1);
+  const auto xa = x.to(acc), w = weight.to(acc), b = bias.to(acc), g = grad_out.to(acc);
+  const auto mean = stats.select(1, 0).unsqueeze(1).contiguous();
+  const auto rstd = stats.select(1, 1).unsqueeze(1).contiguous();
   const auto norm = stats.select(1, 2).unsqueeze(1);
-  const auto z = (x.to(acc) - mean) * rstd;
+  // Through the L2 normalisation here, then torch's own LayerNorm backward.
   const auto s = norm.clamp_min(kRowNormEps).reciprocal();
-  const auto out = (z * w + b) * s;
+  const auto out = (((xa - mean) * rstd) * w + b) * s;
   const auto dot = at::where(norm > kRowNormEps, (g * out).sum(1, /*keepdim=*/true), at::zeros_like(norm));
-  const auto gy = (g - out * dot) * s;
-  const auto gz = gy * w;
-  const auto grad_x = rstd * (gz - gz.mean(1, /*keepdim=*/true) - z * (gz * z).mean(1, /*keepdim=*/true));
-  return {grad_x.to(x.scalar_type()), (gy * z).sum(0).to(weight.scalar_type()), gy.sum(0).to(bias.scalar_type())};
+  const auto grad_y = (g - out * dot) * s;
+  auto [grad_x, grad_weight, grad_bias] =
+      at::native_layer_norm_backward(grad_y, xa, {x.size(1)}, mean, rstd, w, b, {true, true, true});
+  return {grad_x.to(x.scalar_type()), grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type())};
 }
 
 }  // namespace composite
