@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROUNDS, D, N, run
+from conftest import D, N, run
 
 from protoseg import ops
 
@@ -33,4 +33,4 @@ def test_layer_norm_normalize(benchmark, impl):
     def step():
         torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad)
 
-    run(benchmark, "embedding norm fwd+bwd", impl, step, baseline="layer_norm_then_normalize", rounds=ROUNDS)
+    run(benchmark, "embedding norm fwd+bwd", impl, step, baseline="layer_norm_then_normalize")

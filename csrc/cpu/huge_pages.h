@@ -3,7 +3,8 @@
 // A fresh [N, D] output of the fused ops is about 100 MB (N = 32768, D = 720). glibc serves
 // every allocation that size with a new mmap, and the kernel then faults it in and zeroes it
 // one 4 KB page at a time: on a virtual machine that costs several times the op's own writes
-// (measured here: 55 ms to allocate and fill 94 MB, 6 ms to fill it again). Outputs of at least
+// (`python benchmarks/cpu_time_table.py 19` here: reading 94 MB and writing it to a fresh tensor
+// takes 61 ms, to an existing one 10 ms: the "pass" and "pass_into" columns). Outputs of at least
 // kHugeBytes therefore come from this allocator:
 // - 2 MB-aligned and marked MADV_HUGEPAGE, so a new block faults in 2 MB at a time (torch does
 //   the same for all its allocations under THP_MEM_ALLOC_ENABLE=1; where transparent huge pages

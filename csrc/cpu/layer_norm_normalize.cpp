@@ -20,16 +20,6 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 256;  // the weight/bias gradient's summation blocks
 
-template <typename scalar_t, typename acc_t>
-inline void load_row(const scalar_t* x, int64_t stride, int64_t d, acc_t* __restrict out) {
-  if (stride == 1) {
-#pragma omp simd
-    for (int64_t c = 0; c < d; ++c) out[c] = static_cast<acc_t>(x[c]);
-  } else {
-    for (int64_t c = 0; c < d; ++c) out[c] = static_cast<acc_t>(x[c * stride]);
-  }
-}
-
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_rows(const at::Tensor& x, const acc_t* w, const acc_t* b, acc_t eps, scalar_t* out, acc_t* stats) {
   const int64_t n = x.size(0), d = x.size(1), sx0 = x.stride(0), sx1 = x.stride(1);
@@ -38,7 +28,7 @@ void forward_rows(const at::Tensor& x, const acc_t* w, const acc_t* b, acc_t eps
     std::vector<acc_t> row(d);
     acc_t* __restrict y = row.data();
     for (int64_t i = begin; i < end; ++i) {
-      load_row(xp + i * sx0, sx1, d, y);
+      cpu::load_row(xp + i * sx0, sx1, d, y);
       const acc_t mean = cpu::sum(y, d) / static_cast<acc_t>(d);
       for (int64_t c = 0; c < d; ++c) y[c] -= mean;
       const acc_t rstd = acc_t(1) / std::sqrt(cpu::dot(y, y, d) / static_cast<acc_t>(d) + eps);
@@ -75,8 +65,8 @@ void backward_rows(const at::Tensor& x, const scalar_t* grad_out, const acc_t* w
       for (int64_t i = blk * kRowsPerBlock; i < row_end; ++i) {
         const acc_t mean = stats[3 * i], rstd = stats[3 * i + 1], norm = stats[3 * i + 2];
         const acc_t s = acc_t(1) / std::max(norm, static_cast<acc_t>(kRowNormEps));
-        load_row(xp + i * sx0, sx1, d, z);
-        load_row(grad_out + i * d, 1, d, gy);
+        cpu::load_row(xp + i * sx0, sx1, d, z);
+        cpu::load_row(grad_out + i * d, 1, d, gy);
         for (int64_t c = 0; c < d; ++c) {
           z[c] = (z[c] - mean) * rstd;
           t[c] = (z[c] * w[c] + b[c]) * s;  // out
@@ -126,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_backward_cpu
   auto grad_bias = at::zeros({d}, x.options().dtype(acc));
   if (n > 0) {
     const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-    const auto g = grad_out.contiguous();
+    const auto g = grad_out.to(x.scalar_type()).contiguous();
     const auto st = stats.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_normalize_backward_cpu",
                                     [&] {

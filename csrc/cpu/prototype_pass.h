@@ -14,8 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu/huge_pages.h"
@@ -52,11 +50,7 @@ inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_
 // Reads row n of x into `out` as acc_t, divided by max(||x_n||, eps); returns the norm.
 template <typename scalar_t, typename acc_t>
 inline acc_t load_normalized_row(const scalar_t* x, int64_t stride_d, int64_t d, acc_t* __restrict out) {
-  if (stride_d == 1) {
-    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<acc_t>(x[i]);
-  } else {
-    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<acc_t>(x[i * stride_d]);
-  }
+  load_row(x, stride_d, d, out);
   const acc_t norm = std::sqrt(dot(out, out, d));
   const acc_t inv = acc_t(1) / std::max(norm, static_cast<acc_t>(kNormEps));
 #pragma omp simd

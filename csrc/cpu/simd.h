@@ -35,6 +35,17 @@ inline void store_vec(T* p, const typename Vec<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// out[i] = x[i * stride] as T, for i < d (the contiguous case vectorised).
+template <typename S, typename T>
+inline void load_row(const S* x, int64_t stride, int64_t d, T* __restrict out) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(x[i]);
+  } else {
+    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(x[i * stride]);
+  }
+}
+
 // sum_i a[i] * b[i] with four independent vector accumulators.
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t d) {
