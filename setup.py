@@ -4,12 +4,15 @@ Environment:
   PROTOSEG_CUDA=0        never build CUDA sources
   FORCE_CUDA=1           build CUDA sources even when torch cannot see a GPU
   TORCH_CUDA_ARCH_LIST   architectures to build for (default "7.5;8.0;8.6;9.0+PTX")
-  PROTOSEG_NATIVE=0      do not tune the CPU kernels for this machine's vector units
+
+The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 and chosen at run time
+(csrc/cpu/kernels.h), so the library runs on any x86-64 CPU whatever machine built it.
+`python setup.py build_ext --inplace` (what `make build` runs) rebuilds with ninja in build/:
+only what changed since the last build is compiled again.
 """
 
 import glob
 import os
-import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -30,29 +33,18 @@ def cuda_wanted():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def cpu_vector_flags():
-    # The epilogues are written as plain loops that GCC vectorises; AVX2+FMA doubles their
-    # width. Only enabled when the building machine has them (a source build runs where built).
-    if os.environ.get("PROTOSEG_NATIVE") == "0" or not sys.platform.startswith("linux"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return []
-    if " avx2" in flags and " fma" in flags:
-        return ["-mavx2", "-mfma", "-mf16c"]
-    return []
-
-
 def extension():
     with_cuda = cuda_wanted()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DPROTOSEG_PYTHON_MODULE"] + cpu_vector_flags()
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DPROTOSEG_PYTHON_MODULE"]
+    # Headers too, so that build_ext skips the extension only when nothing it is built from changed.
+    headers = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
+    headers += sorted(glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True))
     kwargs = dict(
         name="protoseg._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],
+        depends=headers,
     )
     if not with_cuda:
         print("protoseg: building CPU kernels only", flush=True)

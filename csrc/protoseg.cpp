@@ -29,17 +29,23 @@ TORCH_LIBRARY(protoseg, m) {
 
   // The fused training pass: from one pass over the [N, K*M] products (never held whole),
   //   scores [N, K], index [N, K]       per-class max and argmax, as proto_similarity
-  //   own [N, M]                        <x_n, p_{labels[n], m}> (0 where labels[n] < 0)
-  //   lse [N] fp32/fp64                 logsumexp_j <x_n, p_j> / temperature
-  //   weighted [N, D] fp32/fp64         sum_j softmax_j(<x_n, p_j> / temperature) p_j,
-  //                                     d lse / d x_hat * temperature, kept for the backward.
+  //   own [N, M]                        <x_hat_n, p_{labels[n], m}> (0 where labels[n] < 0)
+  //   lse [N] fp32/fp64                 logsumexp_j <x_hat_n, p_j> / temperature
+  //   weighted [N, D] fp32/fp64         sum_j softmax_j(<x_hat_n, p_j> / temperature) p_j,
+  //                                     d lse / d x_hat * temperature, kept for the backward
+  //   x_hat [N, D]                      the unit rows (no gradient: what the prototype update reads)
+  //   stats [N, 3] fp32/fp64            (mean, rstd, ||y||) per row, kept for the backward,
+  // where x_hat = y / max(||y||, 1e-12) and y = LayerNorm_D(x; weight, bias, eps) when weight and
+  // bias are given (the classifier's feature norm, fused into the row load), else y = x. The
+  // backward returns grad_weight and grad_bias [D] with the LayerNorm ([0] without).
   m.def(
-      "proto_train(Tensor x, Tensor prototypes, Tensor labels, float temperature) "
-      "-> (Tensor scores, Tensor index, Tensor own, Tensor lse, Tensor weighted)");
+      "proto_train(Tensor x, Tensor prototypes, Tensor labels, float temperature, Tensor? weight=None, "
+      "Tensor? bias=None, float eps=1e-05) "
+      "-> (Tensor scores, Tensor index, Tensor own, Tensor lse, Tensor weighted, Tensor x_hat, Tensor stats)");
   m.def(
       "proto_train_backward(Tensor? grad_scores, Tensor? grad_own, Tensor? grad_lse, Tensor x, "
-      "Tensor prototypes, Tensor labels, Tensor index, Tensor weighted, float temperature) "
-      "-> Tensor grad_x");
+      "Tensor prototypes, Tensor labels, Tensor index, Tensor weighted, float temperature, Tensor? weight, "
+      "Tensor? bias, Tensor stats) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // Sinkhorn-Knopp equipartition of each class's pixels over its M prototypes, all classes at once.
   m.def(
@@ -64,8 +70,21 @@ TORCH_LIBRARY(protoseg, m) {
 // plain library (CMakeLists.txt) it is loaded with torch.ops.load_library instead.
 #include <Python.h>
 
+#include "cpu/kernels.h"
+
+namespace {
+
+// protoseg._C.cpu_isa(): which build of the CPU kernels runs here ("avx512", "avx2", "default").
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(protoseg::cpu::kernels().isa); }
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels in use: avx512, avx2 or default."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 #endif

@@ -58,10 +58,22 @@ def test_similarity_and_train_parity(dtype, size):
     gen = torch.Generator().manual_seed(1)
     gs, go, gl = torch.randn(n, k, generator=gen), torch.randn(n, m, generator=gen), torch.randn(n, generator=gen)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    args = (gs.to(dtype), go.to(acc), gl.to(acc), x, p, labels, out.index, out.weighted, 0.1)
+    args = (gs.to(dtype), go.to(acc), gl.to(acc), x, p, labels, out.index, out.weighted, 0.1, None, None, out.stats)
+    g_cpu = torch.ops.protoseg.proto_train_backward(*args)[0]
+    g_dev = torch.ops.protoseg.proto_train_backward(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])[0]
+    _close(g_dev, g_cpu, dtype, "proto_train grad_x")
+    # with the feature LayerNorm (an ATen composite on CUDA, fused into the pass on the CPU)
+    w, b = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype), (0.3 * torch.randn(d, generator=gen)).to(dtype)
+    out = ops.proto_train(x, p, labels, 0.1, w, b)
+    outc = ops.proto_train(x.cuda(), p.cuda(), labels.cuda(), 0.1, w.cuda(), b.cuda())
+    for name, a, b_ in zip(out._fields, outc, out):
+        if name != "index":
+            _close(a, b_, dtype, f"{name} with LayerNorm")
+    args = (gs.to(dtype), go.to(acc), gl.to(acc), x, p, labels, out.index, out.weighted, 0.1, w, b, out.stats)
     g_cpu = torch.ops.protoseg.proto_train_backward(*args)
     g_dev = torch.ops.protoseg.proto_train_backward(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
-    _close(g_dev, g_cpu, dtype, "proto_train grad_x")
+    for name, a, b_ in zip(("grad_x", "grad_weight", "grad_bias"), g_dev, g_cpu):
+        _close(a, b_, dtype, f"proto_train {name} with LayerNorm")
     g_cpu = torch.ops.protoseg.proto_similarity_backward(gs.to(dtype), x, p, i)
     g_dev = torch.ops.protoseg.proto_similarity_backward(gs.to(dtype).cuda(), x.cuda(), p.cuda(), i.cuda())
     _close(g_dev, g_cpu, dtype, "proto_similarity grad_x")

@@ -104,6 +104,9 @@ def test_proto_similarity(chunked, dtype):
     _check(grad, glp, g64, dtype, "grad_x")
 
 
+TRAIN_OUTPUTS = ("scores", "index", "own", "lse", "weighted", "x_hat", "stats")
+
+
 # ---- proto_train ------------------------------------------------------------------------------
 
 
@@ -120,8 +123,8 @@ def test_proto_train(chunked, dtype, temperature):
     out64 = ref.proto_train(x.double(), p.double(), labels, temperature)
     out_lp = ref.proto_train(x, p, labels, temperature)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert [t.dtype for t in out] == [dtype, torch.int64, acc, acc, acc]
-    for name, a, b, c in zip(("scores", "index", "own", "lse", "weighted"), out, out_lp, out64):
+    assert [t.dtype for t in out] == [dtype, torch.int64, acc, acc, acc, dtype, acc]
+    for name, a, b, c in zip(TRAIN_OUTPUTS, out, out_lp, out64, strict=True):
         if name == "index":
             if dtype in (torch.float32, torch.float64):
                 assert torch.equal(a, c)
@@ -154,10 +157,54 @@ def test_proto_train(chunked, dtype, temperature):
         uses += [(True, False, False), (False, True, False), (False, False, True), (False, False, False)]
     for use in uses:
         args = [t.to(dtype if i == 0 else acc) if u else None for i, (t, u) in enumerate(zip((gs, go, gl), use))]
-        grad = emu.proto_train_backward(*args, x, p, labels, index, out[4], temperature)
+        grad, grad_w, grad_b = emu.proto_train_backward(*args, x, p, labels, index, out[4], temperature, None, None,
+                                                        out[6])
+        assert grad_w.shape == (0,) and grad_b.shape == (0,)
         g64 = _grad_ref(loss, x, *use)
         glp = _grad_ref(loss, x.float(), *use) if dtype != torch.float64 else g64
         _check(grad, glp, g64, dtype, f"grad_x {use}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proto_train_layer_norm(chunked, dtype):
+    # The LayerNorm that the CUDA entry point runs around the pass (cuda/launchers.h): outputs and
+    # the gradients of x, weight and bias against the reference with autograd.
+    emu = chunked
+    n, d, k, m = 37, 12, 4, 3
+    x, p = _inputs(n, d, k, m, dtype, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    labels = torch.randint(-1, k, (n,), generator=gen)
+    w64 = 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    b64 = 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    w, b = w64.to(dtype), b64.to(dtype)
+    emu.set_tile_budget(7 * k * m)
+    out = emu.proto_train(x, p, labels, 0.1, w, b)
+    out_lp = ref.proto_train(x, p, labels, 0.1, w, b)
+    out64 = ref.proto_train(x.double(), p.double(), labels, 0.1, w64, b64)
+    for name, a, b_, c in zip(TRAIN_OUTPUTS, out, out_lp, out64, strict=True):
+        if name != "index":
+            _check(a, b_, c, dtype, name)
+    gs = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    gl = torch.randn(n, generator=gen, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grads = emu.proto_train_backward(gs.to(dtype), None, gl.to(acc), x, p, labels, out[1], out[4], 0.1, w, b, out[6])
+
+    index = out[1]
+
+    def oracle(xr, wr, br):
+        # Through our argmax (a near-tie may go the other way in another precision).
+        leaves = [t.detach().clone().requires_grad_(True) for t in (xr, wr, br)]
+        rows = ref._layer_norm_rows(*leaves, 1e-5)
+        ph = torch.nn.functional.normalize(p.to(rows.dtype), dim=2, eps=1e-12).reshape(k * m, d)
+        sim = rows @ ph.t()
+        scores = sim.view(n, k, m).gather(2, index[..., None])[..., 0]
+        lse = torch.logsumexp(sim / 0.1, dim=1)
+        return torch.autograd.grad((scores * gs.to(rows.dtype)).sum() + (lse * gl.to(rows.dtype)).sum(), leaves)
+
+    g64 = oracle(x.double(), w64, b64)
+    glp = oracle(x.float(), w.float(), b.float()) if dtype != torch.float64 else g64
+    for name, a, b_, c in zip(("grad_x", "grad_weight", "grad_bias"), grads, glp, g64):
+        _check(a, b_, c, dtype, name)
 
 
 # ---- proto_contrast_loss ----------------------------------------------------------------------
@@ -315,8 +362,12 @@ def test_empty_inputs(emu):
     assert s.shape == (0, k) and i.shape == (0, k)
     assert emu.proto_similarity_backward(torch.zeros(0, k), x, p, i).shape == (0, d)
     out = emu.proto_train(x, p, empty, 0.1)
-    assert [t.shape for t in out] == [(0, k), (0, k), (0, m), (0,), (0, d)]
-    assert emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1).shape == (0, d)
+    assert [t.shape for t in out] == [(0, k), (0, k), (0, m), (0,), (0, d), (0, d), (0, 3)]
+    assert emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1, None, None, out[6])[0].shape == (0, d)
+    w, b = torch.ones(d), torch.zeros(d)
+    out = emu.proto_train(x, p, empty, 0.1, w, b)
+    grads = emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1, w, b, out[6])
+    assert [t.shape for t in grads] == [(0, d), (d,), (d,)] and (grads[1] == 0).all()
     ppc, ppd = emu.proto_contrast_loss(x, p, empty, 0.1, -1)
     assert ppc.item() == 0 and ppd.item() == 0
     assert emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, empty, 0.1, -1).shape == (0, d)

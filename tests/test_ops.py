@@ -197,21 +197,28 @@ def test_proto_contrast_loss(case, dtype):
     assert_matches(gx, gx_lp, gx64, "grad_x")
 
 
+TRAIN_OUTPUTS = ("scores", "index", "own", "lse", "weighted", "x_hat", "stats")
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_proto_train(case, dtype):
+@pytest.mark.parametrize("norm", ["l2", "layer_norm"])
+def test_proto_train(case, dtype, norm):
     s = make_sample(case, dtype)
     x64, p64 = _f64(s.x, s.prototypes)
     tau = 0.1
-    out = ops.proto_train(s.x, s.prototypes, s.labels, tau)
-    out_lp = ref.proto_train(s.x, s.prototypes, s.labels, tau)
-    out64 = ref.proto_train(x64, p64, s.labels, tau)
-    for name, o, o_lp, o64 in zip(("scores", "index", "own", "lse", "weighted"), out, out_lp, out64):
+    # With the LayerNorm fused into the pass, the oracle is reference.layer_norm_normalize first.
+    w, b = _layer_norm_affine(case.d, dtype) if norm == "layer_norm" else (None, None)
+    w64, b64 = (w.double(), b.double()) if w is not None else (None, None)
+    out = ops.proto_train(s.x, s.prototypes, s.labels, tau, w, b)
+    out_lp = ref.proto_train(s.x, s.prototypes, s.labels, tau, w, b)
+    out64 = ref.proto_train(x64, p64, s.labels, tau, w64, b64)
+    for name, o, o_lp, o64 in zip(TRAIN_OUTPUTS, out, out_lp, out64, strict=True):
         if name == "index":
             if dtype == torch.float64:
                 assert torch.equal(o, o64)
             else:
-                _check_index(o, s.x, s.prototypes, tol=1e-5)
+                _check_index(o, out64[5] if w is not None else s.x, s.prototypes, tol=1e-5)
         else:
             assert_matches(o, o_lp, o64, name)
     assert (out.own[s.labels < 0] == 0).all()
@@ -221,17 +228,48 @@ def test_proto_train(case, dtype):
     go = torch.randn(case.n, case.m, generator=gen, dtype=torch.float64)
     gl = torch.randn(case.n, generator=gen, dtype=torch.float64)
 
-    def loss(fn, x, p):
-        r = fn(x, p, s.labels, tau)
+    def loss(fn, x, p, w, b):
+        r = fn(x, p, s.labels, tau, w, b)
         scores, own, lse = r[0], r[2], r[3]
-        return sum((t * w.to(t.dtype)).sum() for t, w in ((scores, gs), (own, go), (lse, gl)))
+        return sum((t * g.to(t.dtype)).sum() for t, g in ((scores, gs), (own, go), (lse, gl)))
 
-    gx = _grad(lambda x: loss(ops.proto_train, x, s.prototypes), s.x, case.layout)
-    gx_lp = _grad(lambda x: loss(ref.proto_train, x, s.prototypes), s.x)
-    gx64 = _grad(lambda x: loss(ref.proto_train, x, p64), x64)
+    def grads(fn, x, p, w, b, layout="contiguous"):
+        leaf = x.detach().contiguous().clone().requires_grad_(True)
+        leaves = [leaf] + ([w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)]
+                           if w is not None else [])
+        value = loss(fn, _layout(leaf, layout), p, *(leaves[1:] or (None, None)))
+        return torch.autograd.grad(value, leaves)
+
+    ours = grads(ops.proto_train, s.x, s.prototypes, w, b, case.layout)
+    ours_lp = grads(ref.proto_train, s.x, s.prototypes, w, b)
+    ours64 = grads(ref.proto_train, x64, p64, w64, b64)
     rows = (out.index == out64[1]).all(dim=1)  # see test_proto_similarity
-    assert_matches(gx[rows], gx_lp[rows], gx64[rows], "grad_x")
+    assert_matches(ours[0][rows], ours_lp[0][rows], ours64[0][rows], "grad_x")
     assert case.n == 0 or rows.float().mean() >= 0.9
+    if w is not None and bool(rows.all()):  # the affine gradients sum over every row
+        assert_matches(ours[1], ours_lp[1], ours64[1], "grad_weight")
+        assert_matches(ours[2], ours_lp[2], ours64[2], "grad_bias")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_sum_over_many_classes_is_blocked(threads):
+    # grad_x sums K = 6000 winning prototypes per pixel (case min_rows, D = 4, all in the scalar
+    # tail). One float chain over the classes was 15 ulps of the largest entry off the float64
+    # oracle; blocked sums (cpu/kernels_impl.h) stay within a few, on every path and thread count,
+    # whatever the BLAS that the low-precision reference goes through does.
+    case = CASE["min_rows"]
+    s = make_sample(case, torch.float32)
+    g = torch.randn(case.n, case.k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with num_threads(threads):
+        _, index = ops.proto_similarity(s.x, s.prototypes)
+        grad = torch.ops.protoseg.proto_similarity_backward(g.float(), s.x, s.prototypes, index).double()
+    x64, p64 = _f64(s.x, s.prototypes)
+    x_hat, p_hat = ref._normalized(x64, p64)
+    winners = p_hat[torch.arange(case.k)[None, :], index]  # [N, K, D]: the prototypes that won
+    g_hat = (g[..., None] * winners).sum(dim=1)
+    oracle = (g_hat - x_hat * (g_hat * x_hat).sum(dim=1, keepdim=True)) / x64.norm(dim=1, keepdim=True)
+    ulps = ((grad - oracle).abs().max() / (oracle.abs().max() * torch.finfo(torch.float32).eps)).item()
+    assert ulps <= 6, f"{ulps:.1f} ulps of the largest gradient entry"
 
 
 @pytest.mark.parametrize("used", ["scores", "own", "lse"])
@@ -241,7 +279,7 @@ def test_proto_train_gradient_through_one_output(used):
 
     def loss(fn, x):
         r = fn(x, s.prototypes, s.labels, 0.1)
-        return r[("scores", "index", "own", "lse").index(used)].square().sum()
+        return r[TRAIN_OUTPUTS.index(used)].square().sum()
 
     gx = _grad(lambda x: loss(ops.proto_train, x), s.x, "strided")
     assert_matches(gx, None, _grad(lambda x: loss(ref.proto_train, x), s.x), f"grad_x through {used}")
@@ -488,8 +526,8 @@ def test_gradcheck(case):
     wl = torch.randn(case.n, generator=gen, dtype=torch.float64)
     index, s_count = torch.where(s.labels >= 0, s.target, -1), case.k * case.m
 
-    def train(x):
-        r = ops.proto_train(_layout(x, lay), p, s.labels, tau)
+    def train(x, w=None, b=None):
+        r = ops.proto_train(_layout(x, lay), p, s.labels, tau, w, b)
         return (r.scores * ws).sum() + (r.own * wo).sum() + (r.lse * wl).sum()
 
     x = s.x.detach().contiguous().clone().requires_grad_(True)
@@ -503,6 +541,7 @@ def test_gradcheck(case):
         assert torch.autograd.gradcheck(lambda x: ops.scatter_mean(_layout(x, lay), index, s_count)[0], (x,))
         w, b = (t.requires_grad_(True) for t in _layer_norm_affine(case.d, torch.float64))
         assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm_normalize(_layout(x, lay), w, b), (x, w, b))
+        assert torch.autograd.gradcheck(train, (x, w, b))
 
 
 # ---- opcheck ---------------------------------------------------------------------------------
@@ -526,21 +565,28 @@ def _opcheck_calls(s: Sample):
     grad_scalar = torch.tensor(0.3, dtype=x.dtype)
     w, b = _layer_norm_affine(x.shape[1], x.dtype)
     _, stats = P.layer_norm_normalize(x, w, b, 1e-5)
+    tp_ln = ops.proto_train(x, s.prototypes, s.labels, tau, w, b)
     return [
         (P.layer_norm_normalize.default, (xg, w.requires_grad_(True), b, 1e-5)),
         (P.layer_norm_normalize_backward.default, (randn_like(x), x, w.detach(), b, stats)),
         (P.proto_similarity.default, (xg, s.prototypes)),
         (P.proto_contrast_loss.default, (xg, s.prototypes, s.target, tau, ign)),
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau)),
+        (P.proto_train.default, (xg, s.prototypes, s.labels, tau, w.requires_grad_(True), b, 1e-5)),
         (P.sinkhorn.default, (s.scores, s.labels, k, 3, 0.05)),
         (P.scatter_mean.default, (xg, index, k * m)),
         (P.proto_similarity_backward.default, (randn_like(scores), x, s.prototypes, sim_index)),
         (P.proto_contrast_loss_backward.default, (grad_scalar, 2 * grad_scalar, x, s.prototypes, s.target,
                                                   tau, ign)),
         (P.proto_train_backward.default, (randn_like(scores), randn_like(tp.own), randn_like(tp.lse),
-                                          x, s.prototypes, s.labels, tp.index, tp.weighted, tau)),
+                                          x, s.prototypes, s.labels, tp.index, tp.weighted, tau,
+                                          None, None, tp.stats)),
         (P.proto_train_backward.default, (None, None, randn_like(tp.lse),
-                                          x, s.prototypes, s.labels, tp.index, tp.weighted, tau)),
+                                          x, s.prototypes, s.labels, tp.index, tp.weighted, tau,
+                                          None, None, tp.stats)),
+        (P.proto_train_backward.default, (randn_like(scores), randn_like(tp.own), randn_like(tp.lse),
+                                          x, s.prototypes, s.labels, tp_ln.index, tp_ln.weighted, tau,
+                                          w.detach(), b, tp_ln.stats)),
         (P.scatter_mean_backward.default, (randn_like(mean), index, count)),
     ]
 
@@ -730,15 +776,15 @@ def test_large_outputs_reuse_freed_blocks():
     # next output of the same size: the second call gets the first call's memory back, and its
     # results do not depend on what that memory held.
     gen = torch.Generator().manual_seed(12)
-    x = torch.randn(8192, 512, generator=gen)  # weighted [8192, 512] float32 = 16 MB
+    x = torch.randn(8192, 512, generator=gen)  # weighted and x_hat [8192, 512] float32 = 16 MB each
     p = torch.randn(5, 3, 512, generator=gen)
     labels = torch.randint(0, 5, (8192,), generator=gen)
-    first = ops.proto_train(x, p, labels, 0.1).weighted
-    ptr, expected = first.data_ptr(), first.clone()
+    first = ops.proto_train(x, p, labels, 0.1)
+    blocks, expected = {first.weighted.data_ptr(), first.x_hat.data_ptr()}, first.weighted.clone()
     del first
-    second = ops.proto_train(x, p, labels, 0.1).weighted
-    assert second.data_ptr() == ptr
-    assert torch.equal(second, expected)
+    second = ops.proto_train(x, p, labels, 0.1)
+    assert {second.weighted.data_ptr(), second.x_hat.data_ptr()} == blocks
+    assert torch.equal(second.weighted, expected)
 
 
 # ---- double backward, autocast --------------------------------------------------------------

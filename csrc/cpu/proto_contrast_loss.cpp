@@ -2,11 +2,15 @@
 // logsumexp and target product. Backward: the pass again with the softmax-weighted second
 // GEMM, then the gradient assembly. (Training uses proto_train, which gets both GEMMs' worth
 // of results from a single pass; this op serves callers who only want the losses.)
+// Kernels: cpu/kernels_impl.h.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "checks.h"
-#include "cpu/prototype_pass.h"
+#include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
 
 namespace protoseg {
 namespace {
@@ -22,21 +26,25 @@ void check_contrast_args(const at::Tensor& x, const at::Tensor& prototypes, cons
   check_range_host(t.data_ptr<int64_t>(), t.numel(), km, "target", "K*M", false, ignore_index, true);
 }
 
-// Per-row products the forward and backward both need: lse [N], target logit [N], and the
-// number of valid rows. `weighted` is filled when given.
-template <typename scalar_t, typename acc_t>
+// Per-row products the forward and backward both need: lse [N], target logit [N] (acc_t), and
+// the number of valid rows. `weighted` [N, D] acc_t is filled when defined.
 int64_t contrast_pass(const at::Tensor& x, const at::Tensor& p_hat, int64_t k, int64_t m, const at::Tensor& target,
-                      double temperature, int64_t ignore_index, acc_t* lse, acc_t* logit, acc_t* weighted) {
+                      double temperature, int64_t ignore_index, const at::Tensor& lse, const at::Tensor& logit,
+                      const at::Tensor& weighted) {
   const auto t = target.contiguous();
   // Ignored rows are mapped to -1 so the epilogue skips them, whatever ignore_index is.
   const auto masked = at::where(t == ignore_index, at::full_like(t, -1), t);
-  cpu::PassOutputs<scalar_t, acc_t> out;
-  out.target = masked.data_ptr<int64_t>();
-  out.target_logit = logit;
-  out.lse = lse;
-  out.weighted = weighted;
-  out.temperature = temperature;
-  cpu::prototype_pass<scalar_t, acc_t>(x, p_hat, k, m, out);
+  cpu::PassArgs a;
+  a.x = x;
+  a.p_hat = p_hat;
+  a.num_classes = k;
+  a.num_prototypes = m;
+  a.target = masked.data_ptr<int64_t>();
+  a.target_logit = logit.data_ptr();
+  a.lse = lse.data_ptr();
+  a.weighted = weighted.defined() ? weighted.data_ptr() : nullptr;
+  a.temperature = temperature;
+  cpu::kernels().pass(a);
   return (t != ignore_index).sum().item<int64_t>();
 }
 
@@ -51,12 +59,11 @@ std::tuple<at::Tensor, at::Tensor> proto_contrast_loss_cpu(const at::Tensor& x, 
   const auto acc = at::toOpMathType(x.scalar_type());
   auto lse = at::empty({n}, x.options().dtype(acc));
   auto logit = at::empty({n}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_contrast_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto p_hat = cpu::normalized_prototypes(prototypes, acc);
-    const int64_t valid = contrast_pass<scalar_t, acc_t>(x, p_hat, k, m, target, temperature, ignore_index,
-                                                         lse.data_ptr<acc_t>(), logit.data_ptr<acc_t>(), nullptr);
-    if (valid == 0) return;
+  const auto p_hat = cpu::normalized_prototypes(prototypes, acc);
+  const int64_t valid = contrast_pass(x, p_hat, k, m, target, temperature, ignore_index, lse, logit, at::Tensor());
+  if (valid == 0) return {ppc, ppd};
+  AT_DISPATCH_FLOATING_TYPES(acc, "proto_contrast_loss_cpu", [&] {
+    using acc_t = scalar_t;
     // Sum in a fixed order, in double: the result does not depend on the thread count.
     const auto t = target.contiguous();
     const int64_t* tp = t.data_ptr<int64_t>();
@@ -82,20 +89,18 @@ at::Tensor proto_contrast_loss_backward_cpu(const at::Tensor& grad_ppc, const at
   TORCH_CHECK(grad_ppc.numel() == 1, "grad_ppc must be a scalar (got ", shape_str(grad_ppc), ")");
   TORCH_CHECK(grad_ppd.numel() == 1, "grad_ppd must be a scalar (got ", shape_str(grad_ppd), ")");
   const int64_t n = x.size(0), d = x.size(1), k = prototypes.size(0), m = prototypes.size(1);
-  auto grad_x = cpu::empty_output({n, d}, x.options()).zero_();
+  auto grad_x = cpu::empty_output({n, d}, x.options());
   if (n == 0) return grad_x;
   const auto acc = at::toOpMathType(x.scalar_type());
   auto lse = at::empty({n}, x.options().dtype(acc));
   auto logit = at::empty({n}, x.options().dtype(acc));
   auto weighted = cpu::empty_output({n, d}, x.options().dtype(acc));
   const double g_ppc = grad_ppc.item<double>(), g_ppd = grad_ppd.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_contrast_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto p_hat = cpu::normalized_prototypes(prototypes, acc);
-    const int64_t valid =
-        contrast_pass<scalar_t, acc_t>(x, p_hat, k, m, target, temperature, ignore_index, lse.data_ptr<acc_t>(),
-                                       logit.data_ptr<acc_t>(), weighted.data_ptr<acc_t>());
-    if (valid == 0) return;
+  const auto p_hat = cpu::normalized_prototypes(prototypes, acc);
+  const int64_t valid = contrast_pass(x, p_hat, k, m, target, temperature, ignore_index, lse, logit, weighted);
+  if (valid == 0) return grad_x.zero_();
+  AT_DISPATCH_FLOATING_TYPES(acc, "proto_contrast_loss_backward_cpu", [&] {
+    using acc_t = scalar_t;
     // d ppc / d x_hat = (weighted - p_t) / (temperature * valid); d ppd / d x_hat = -2 (1 - s_t) p_t / valid.
     const auto t = target.contiguous();
     const int64_t* tp = t.data_ptr<int64_t>();
@@ -109,13 +114,18 @@ at::Tensor proto_contrast_loss_backward_cpu(const at::Tensor& grad_ppc, const at
       coef[i] = ok ? static_cast<acc_t>(-g_ppc / (temperature * valid) - 2.0 * g_ppd * (1.0 - s[i]) / valid)
                    : acc_t(0);
     }
-    cpu::GradTerms<scalar_t, acc_t> terms;
-    terms.grad_lse = g_lse.data();
-    terms.weighted = weighted.data_ptr<acc_t>();
-    terms.coef_target = coef.data();
-    terms.target = tgt.data();
-    terms.temperature = temperature;
-    cpu::assemble_grad_x<scalar_t, acc_t>(x, p_hat, k, m, terms, grad_x);
+    cpu::GradArgs a;
+    a.x = x;
+    a.p_hat = p_hat;
+    a.num_classes = k;
+    a.num_prototypes = m;
+    a.grad_lse = g_lse.data();
+    a.weighted = weighted.data_ptr();
+    a.coef_target = coef.data();
+    a.target = tgt.data();
+    a.temperature = temperature;
+    a.grad_x = grad_x.data_ptr();
+    cpu::kernels().grad(a);
   });
   return grad_x;
 }

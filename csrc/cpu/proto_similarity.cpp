@@ -1,10 +1,10 @@
 // proto_similarity on the CPU: one chunked GEMM pass with a max/argmax epilogue; the backward
-// is a gather of the winning prototypes (no GEMM).
-#include <ATen/Dispatch.h>
+// is a gather of the winning prototypes (no GEMM). Kernels: cpu/kernels_impl.h.
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/prototype_pass.h"
+#include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
 
 namespace protoseg {
 namespace {
@@ -16,14 +16,14 @@ std::tuple<at::Tensor, at::Tensor> proto_similarity_cpu(const at::Tensor& x, con
   auto scores = at::empty({n, k}, x.options());
   auto index = at::empty({n, k}, x.options().dtype(at::kLong));
   if (n == 0) return {scores, index};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_similarity_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto p_hat = cpu::normalized_prototypes(prototypes, c10::CppTypeToScalarType<acc_t>::value);
-    cpu::PassOutputs<scalar_t, acc_t> out;
-    out.scores = scores.data_ptr<scalar_t>();
-    out.index = index.data_ptr<int64_t>();
-    cpu::prototype_pass<scalar_t, acc_t>(x, p_hat, k, m, out);
-  });
+  cpu::PassArgs a;
+  a.x = x;
+  a.p_hat = cpu::normalized_prototypes(prototypes, at::toOpMathType(x.scalar_type()));
+  a.num_classes = k;
+  a.num_prototypes = m;
+  a.scores = scores.data_ptr();
+  a.index = index.data_ptr<int64_t>();
+  cpu::kernels().pass(a);
   return {scores, index};
 }
 
@@ -40,14 +40,15 @@ at::Tensor proto_similarity_backward_cpu(const at::Tensor& grad_scores, const at
   const auto g = grad_scores.to(x.scalar_type()).contiguous();
   const auto idx = index.contiguous();
   check_range_host(idx.data_ptr<int64_t>(), idx.numel(), m, "index", "M", false, 0, false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "proto_similarity_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto p_hat = cpu::normalized_prototypes(prototypes, c10::CppTypeToScalarType<acc_t>::value);
-    cpu::GradTerms<scalar_t, acc_t> terms;
-    terms.grad_scores = g.data_ptr<scalar_t>();
-    terms.index = idx.data_ptr<int64_t>();
-    cpu::assemble_grad_x<scalar_t, acc_t>(x, p_hat, k, m, terms, grad_x);
-  });
+  cpu::GradArgs a;
+  a.x = x;
+  a.p_hat = cpu::normalized_prototypes(prototypes, at::toOpMathType(x.scalar_type()));
+  a.num_classes = k;
+  a.num_prototypes = m;
+  a.grad_scores = g.data_ptr();
+  a.index = idx.data_ptr<int64_t>();
+  a.grad_x = grad_x.data_ptr();
+  cpu::kernels().grad(a);
   return grad_x;
 }
 

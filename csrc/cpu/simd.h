@@ -1,7 +1,10 @@
-// Vector code for the CPU kernels, written with GCC/Clang vector extensions (32-byte
-// vectors: AVX2 here, two NEON registers on ARM) instead of `#pragma omp simd reduction`, which
-// GCC 12 compiled to a serial scalar chain inside the at::parallel_for lambdas (measured: the
-// row sums of layer_norm_normalize ran at one FMA per 4 cycles).
+// Vector code for the CPU kernels, written with GCC vector extensions of PROTOSEG_VEC_BYTES
+// (64 for AVX-512, 32 for AVX2, 16 for baseline x86-64 SSE2) rather than
+// `#pragma omp simd reduction`, which GCC 12 compiled to a serial scalar chain inside the
+// at::parallel_for lambdas (measured: the LayerNorm row sums ran at one FMA per 4 cycles).
+//
+// Compiled once per instruction set inside cpu/kernels_impl.h, in the namespace
+// protoseg::cpu::PROTOSEG_ISA; include it only from there.
 #pragma once
 
 #include <algorithm>
@@ -11,17 +14,14 @@
 
 namespace protoseg {
 namespace cpu {
+namespace PROTOSEG_ISA {
 
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
+struct Vec {
+  typedef T type __attribute__((vector_size(PROTOSEG_VEC_BYTES)));
+  static constexpr int64_t lanes = PROTOSEG_VEC_BYTES / sizeof(T);
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
+typedef int32_t VecI32 __attribute__((vector_size(PROTOSEG_VEC_BYTES)));
 
 template <typename T>
 inline typename Vec<T>::type load_vec(const T* p) {
@@ -50,7 +50,7 @@ inline void load_row(const S* x, int64_t stride, int64_t d, T* __restrict out) {
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t d) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(T);
+  constexpr int64_t L = Vec<T>::lanes;
   V s0{}, s1{}, s2{}, s3{};
   int64_t c = 0;
   for (; c + 4 * L <= d; c += 4 * L) {
@@ -71,7 +71,7 @@ inline T dot(const T* a, const T* b, int64_t d) {
 template <typename T>
 inline T sum(const T* a, int64_t d) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(T);
+  constexpr int64_t L = Vec<T>::lanes;
   V s0{}, s1{}, s2{}, s3{};
   int64_t c = 0;
   for (; c + 4 * L <= d; c += 4 * L) {
@@ -92,7 +92,7 @@ inline T sum(const T* a, int64_t d) {
 template <typename T>
 inline T row_max(const T* a, int64_t n) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(T);
+  constexpr int64_t L = Vec<T>::lanes;
   T r = a[0];
   int64_t c = 0;
   if (n >= L) {
@@ -139,18 +139,17 @@ inline F exp_nonpositive_impl(F x) {
 inline float exp_nonpositive(float x) { return exp_nonpositive_impl<float, int32_t>(x); }
 
 // sum_j exp((a[j] - shift) * scale), the terms written back to a when `store`. The sum is in
-// double: float partial sums over 64 terms at most, added into a double (a float32 sum of the
+// double: float partial sums over 8 vectors at most, added into a double (a float32 sum of the
 // 36000 terms of K*M = 36000 loses ~20x the precision of torch.logsumexp).
 inline double exp_shifted_sum(float* a, int64_t n, float shift, float scale, bool store) {
   using V = Vec<float>::type;
-  using VI = int32_t __attribute__((vector_size(32)));
-  constexpr int64_t L = sizeof(V) / sizeof(float);
+  constexpr int64_t L = Vec<float>::lanes;
   double total = 0;
   int64_t c = 0;
   while (c + L <= n) {
     V part{};
     for (int64_t block_end = std::min(n, c + 8 * L); c + L <= block_end; c += L) {
-      const V e = exp_nonpositive_impl<V, VI>((load_vec(a + c) - shift) * scale);
+      const V e = exp_nonpositive_impl<V, VecI32>((load_vec(a + c) - shift) * scale);
       if (store) store_vec(a + c, e);
       part += e;
     }
@@ -174,5 +173,6 @@ inline double exp_shifted_sum(double* a, int64_t n, double shift, double scale, 
   return total;
 }
 
+}  // namespace PROTOSEG_ISA
 }  // namespace cpu
 }  // namespace protoseg

@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "layer_norm_normalize.h"
 #include "cuda/common.cuh"
 #include "cuda/proto_contrast_loss.cuh"
 #include "cuda/prototype_pass.cuh"
@@ -246,15 +247,13 @@ at::Tensor checked_labels(Exec& ex, const at::Tensor& labels, const at::Tensor& 
   return lab;
 }
 
+// The pass and the gradient over x, with its own L2 normalisation; proto_train adds the optional
+// LayerNorm around them.
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proto_train(Exec& ex, const at::Tensor& x,
-                                                                                   const at::Tensor& prototypes,
-                                                                                   const at::Tensor& labels,
-                                                                                   double temperature) {
-  check_embeddings(x);
-  check_prototypes(prototypes, x);
-  check_index_vector(labels, "labels", x.size(0), x);
-  check_positive(temperature, "temperature");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_pass(Exec& ex, const at::Tensor& x,
+                                                                                  const at::Tensor& prototypes,
+                                                                                  const at::Tensor& labels,
+                                                                                  double temperature) {
   const int64_t n = x.size(0), d = x.size(1), k = prototypes.size(0), m = prototypes.size(1);
   const auto acc_type = at::toOpMathType(x.scalar_type());
   auto scores = at::empty({n, k}, x.options());
@@ -281,18 +280,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proto_tra
 }
 
 template <class Exec>
-at::Tensor proto_train_backward(Exec& ex, const std::optional<at::Tensor>& grad_scores,
-                                const std::optional<at::Tensor>& grad_own, const std::optional<at::Tensor>& grad_lse,
-                                const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& labels,
-                                const at::Tensor& index, const at::Tensor& weighted, double temperature) {
-  check_embeddings(x);
-  check_prototypes(prototypes, x);
-  check_index_vector(labels, "labels", x.size(0), x);
-  check_positive(temperature, "temperature");
+at::Tensor train_backward(Exec& ex, const std::optional<at::Tensor>& grad_scores,
+                          const std::optional<at::Tensor>& grad_own, const std::optional<at::Tensor>& grad_lse,
+                          const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& labels,
+                          const at::Tensor& index, const at::Tensor& weighted, double temperature) {
   const int64_t n = x.size(0), d = x.size(1), k = prototypes.size(0), m = prototypes.size(1);
-  check_shape(index, "index", {n, k});
-  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64 (got ", index.scalar_type(), ")");
-  check_same_device(index, x, "index", "x");
   const auto acc_type = at::toOpMathType(x.scalar_type());
   auto grad_x = at::empty({n, d}, x.options());
   if (n == 0) return grad_x;
@@ -338,6 +330,55 @@ at::Tensor proto_train_backward(Exec& ex, const std::optional<at::Tensor>& grad_
     assemble_grad_x<Exec, scalar_t>(ex, x, p_hat, k, m, terms, grad_x);
   });
   return grad_x;
+}
+
+using TrainOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// With weight and bias, the LayerNorm and L2 normalisation run first as the ATen composite of
+// layer_norm_normalize.h, in the accumulation type, and the pass runs on those unit rows (its own
+// normalisation changes them by rounding only). The CPU fuses them into the pass.
+template <class Exec>
+TrainOutputs proto_train(Exec& ex, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& labels,
+                         double temperature, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, double eps) {
+  check_embeddings(x);
+  check_prototypes(prototypes, x);
+  check_index_vector(labels, "labels", x.size(0), x);
+  check_positive(temperature, "temperature");
+  if (!check_optional_layer_norm(weight, bias, x, eps)) {
+    auto [scores, index, own, lse, weighted] = train_pass(ex, x, prototypes, labels, temperature);
+    auto [x_hat, stats] = composite::l2_normalize(x);
+    return {scores, index, own, lse, weighted, x_hat, stats};
+  }
+  auto [rows, stats] = composite::layer_norm_normalize_rows(x, *weight, *bias, eps);
+  auto [scores, index, own, lse, weighted] =
+      train_pass(ex, rows, prototypes.to(rows.scalar_type()), labels, temperature);
+  return {scores.to(x.scalar_type()), index, own, lse, weighted, rows.to(x.scalar_type()), stats};
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_train_backward(
+    Exec& ex, const std::optional<at::Tensor>& grad_scores, const std::optional<at::Tensor>& grad_own,
+    const std::optional<at::Tensor>& grad_lse, const at::Tensor& x, const at::Tensor& prototypes,
+    const at::Tensor& labels, const at::Tensor& index, const at::Tensor& weighted, double temperature,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& stats) {
+  check_embeddings(x);
+  check_prototypes(prototypes, x);
+  check_index_vector(labels, "labels", x.size(0), x);
+  check_positive(temperature, "temperature");
+  check_shape(index, "index", {x.size(0), prototypes.size(0)});
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64 (got ", index.scalar_type(), ")");
+  check_same_device(index, x, "index", "x");
+  if (!check_optional_layer_norm(weight, bias, x, 0.0)) {
+    auto grad_x = train_backward(ex, grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted,
+                                 temperature);
+    return {grad_x, at::empty({0}, x.options()), at::empty({0}, x.options())};
+  }
+  check_stats(stats, x);
+  const auto rows = composite::unit_rows(x, *weight, *bias, stats);
+  const auto grad_rows = train_backward(ex, grad_scores, grad_own, grad_lse, rows, prototypes.to(rows.scalar_type()),
+                                        labels, index, weighted, temperature);
+  return composite::layer_norm_normalize_backward(grad_rows, x, *weight, *bias, stats);
 }
 
 // ==== proto_contrast_loss ========================================================================

@@ -164,15 +164,17 @@ class PrototypeClassifier(nn.Module):
             raise ValueError(f"target must be [N] with N == x.size(0) == {x.shape[0]} (got {list(target.shape)})")
         if self.impl == "reference":
             return self._forward_reference(self.feat_norm(x), target if training else None)
-        # feat_norm and the L2 normalisation in one op; x is unit rows from here on.
-        x = ops.layer_norm_normalize(x, self.feat_norm.weight, self.feat_norm.bias, self.feat_norm.eps)
         prototypes = F.normalize(self.prototypes, dim=-1)
+        norm = self.feat_norm
         if not training:
-            scores, _ = ops.proto_similarity(x, prototypes)
+            # feat_norm and the L2 normalisation in one op, then the similarity.
+            x_hat = ops.layer_norm_normalize(x, norm.weight, norm.bias, norm.eps)
+            scores, _ = ops.proto_similarity(x_hat, prototypes)
             return self.mask_norm(scores)
 
         labels = torch.where(target == self.ignore_index, torch.full_like(target, -1), target.long())
-        out = ops.proto_train(x, prototypes, labels, self.temperature)
+        # feat_norm, the L2 normalisation and the products in one pass; out.x_hat are the unit rows.
+        out = ops.proto_train(x, prototypes, labels, self.temperature, norm.weight, norm.bias, norm.eps)
         logits = self.mask_norm(out.scores)
         with torch.no_grad():
             sinkhorn = global_sinkhorn if self.sinkhorn_scope == "global" else ops.sinkhorn
@@ -189,7 +191,7 @@ class PrototypeClassifier(nn.Module):
             update_with = self._gumbel_assignment(q, valid) if self.update_assignment == "gumbel" else assignment
             correct = valid & (logits.argmax(dim=1) == labels)
             bucket = torch.where(correct, labels * self.num_prototypes + update_with, torch.full_like(labels, -1))
-            self._update(x.detach(), bucket)
+            self._update(out.x_hat, bucket)
         return logits, ppc, ppd
 
     @staticmethod

@@ -66,10 +66,22 @@ def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
     return x.new_empty(x.shape)
 
 
+def _optional_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    _check(
+        (weight is None) == (bias is None),
+        f"weight and bias must be given together (got weight {'None' if weight is None else 'a tensor'} "
+        f"and bias {'None' if bias is None else 'a tensor'})",
+    )
+    if weight is not None:
+        _layer_norm_args(x, weight, bias)
+    return weight is not None
+
+
 @torch.library.register_fake("protoseg::proto_train")
-def _(x, prototypes, labels, temperature):
+def _(x, prototypes, labels, temperature, weight=None, bias=None, eps=1e-5):
     _embeddings(x, prototypes)
     _index_vector(labels, "labels", x)
+    _optional_layer_norm(x, weight, bias)
     n, d = x.shape
     k, m = prototypes.shape[0], prototypes.shape[1]
     acc = _acc_dtype(x.dtype)
@@ -79,14 +91,18 @@ def _(x, prototypes, labels, temperature):
         x.new_empty(n, m, dtype=acc),
         x.new_empty(n, dtype=acc),
         x.new_empty(n, d, dtype=acc),
+        x.new_empty(n, d),
+        x.new_empty(n, 3, dtype=acc),
     )
 
 
 @torch.library.register_fake("protoseg::proto_train_backward")
-def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature):
+def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature, weight, bias, stats):
     _embeddings(x, prototypes)
     _index_vector(labels, "labels", x)
-    return x.new_empty(x.shape)
+    if _optional_layer_norm(x, weight, bias):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0)
 
 
 @torch.library.register_fake("protoseg::sinkhorn")

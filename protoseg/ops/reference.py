@@ -48,12 +48,20 @@ def proto_contrast_loss(x, prototypes, target, temperature: float, ignore_index:
     return ppc.to(x.dtype), ppd.to(x.dtype)
 
 
-def proto_train(x, prototypes, labels, temperature: float):
-    """The fused training pass (see csrc/protoseg.cpp): scores, index, own, lse, weighted."""
+def proto_train(x, prototypes, labels, temperature: float, weight=None, bias=None, eps: float = 1e-5):
+    """The fused training pass (see csrc/protoseg.cpp): scores, index, own, lse, weighted, x_hat,
+    stats. With weight and bias, x first goes through LayerNorm (see layer_norm_normalize)."""
     k, m, d = prototypes.shape
-    x_hat, p_hat = _normalized(x, prototypes)
+    if weight is not None:
+        x_hat, stats = layer_norm_normalize(x, weight, bias, eps)
+        rows = _layer_norm_rows(x, weight, bias, eps)
+        _, p_hat = _normalized(x, prototypes)
+    else:
+        rows, p_hat = _normalized(x, prototypes)
+        norm = x.to(rows.dtype).norm(dim=1)
+        x_hat, stats = rows.to(x.dtype), torch.stack((torch.zeros_like(norm), torch.ones_like(norm), norm), dim=1)
     flat = p_hat.reshape(k * m, d)
-    logits = x_hat @ flat.t()
+    logits = rows @ flat.t()
     sim = logits.view(-1, k, m)
     index = sim.argmax(dim=2)
     scores = sim.gather(2, index.unsqueeze(2)).squeeze(2)
@@ -61,7 +69,7 @@ def proto_train(x, prototypes, labels, temperature: float):
     own = sim[torch.arange(x.shape[0], device=x.device), labels.clamp(min=0)] * valid[:, None]
     lse = torch.logsumexp(logits / temperature, dim=1)
     weighted = torch.softmax(logits / temperature, dim=1) @ flat
-    return scores.to(x.dtype), index, own, lse, weighted
+    return scores.to(x.dtype), index, own, lse, weighted, x_hat, stats
 
 
 def sinkhorn_one_class(scores: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
@@ -108,6 +116,13 @@ def scatter_mean(x, index, num_segments: int):
     count = torch.bincount(idx, minlength=num_segments)
     mean = sums / count.clamp(min=1).unsqueeze(1).to(acc)
     return mean.to(x.dtype), count
+
+
+def _layer_norm_rows(x, weight, bias, eps: float):
+    """The unit rows of LayerNorm(x) in the accumulation dtype."""
+    acc = _acc_dtype(x.dtype)
+    y = F.layer_norm(x.to(acc), (x.shape[1],), weight.to(acc), bias.to(acc), eps)
+    return F.normalize(y, dim=-1, eps=1e-12)
 
 
 def layer_norm_normalize(x, weight, bias, eps: float):

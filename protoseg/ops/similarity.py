@@ -64,23 +64,38 @@ class TrainPass(NamedTuple):
     own: Tensor  # [N, M] float32/64: cosine to the pixel's own-class prototypes, 0 if ignored
     lse: Tensor  # [N] float32/64: logsumexp over all K*M of cos / temperature
     weighted: Tensor  # [N, D] float32/64: softmax-weighted prototype sum (kept for the backward)
+    x_hat: Tensor  # [N, D], dtype of x: the unit rows the products were taken with (no gradient)
+    stats: Tensor  # [N, 3] float32/64: (mean, rstd, ||y||) per row (kept for the backward)
 
 
-def proto_train(x: Tensor, prototypes: Tensor, labels: Tensor, temperature: float = 0.1) -> TrainPass:
+def proto_train(
+    x: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    temperature: float = 0.1,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> TrainPass:
     """The fused training pass: one pass over the [N, K*M] products, in bounded chunks.
 
     Args:
         x: [N, D] pixel embeddings; prototypes: [K, M, D] (same dtype and device).
         labels: [N] int64 class of each pixel in [0, K), negative for ignored pixels.
         temperature: for ``lse``.
+        weight, bias: [D] (dtype and device of x), both or neither. When given, each row goes
+            through ``LayerNorm(x; weight, bias, eps)`` before its L2 normalisation, inside the
+            pass (the classifier's feature norm: ``x_hat`` is then exactly
+            :func:`layer_norm_normalize` of x).
 
-    Returns a :class:`TrainPass`. ``scores``, ``own`` and ``lse`` are differentiable in x; the
-    contrast losses follow from them without touching the products again:
+    Returns a :class:`TrainPass`. ``scores``, ``own`` and ``lse`` are differentiable in x (and in
+    weight and bias); the contrast losses follow from them without touching the products again:
     ``ppc_n = lse_n - own[n, a_n] / temperature`` and ``ppd_n = (1 - own[n, a_n])^2`` for the
-    pixel's assigned prototype a_n. Two GEMMs forward (products, softmax @ prototypes), none
-    backward. Deterministic for a fixed thread count.
+    pixel's assigned prototype a_n. ``x_hat`` carries no gradient (it is what the prototype update
+    averages). Two GEMMs forward (products, softmax @ prototypes), none backward. Deterministic
+    for a fixed thread count.
     """
-    return TrainPass(*_ops.proto_train(x, prototypes, labels, float(temperature)))
+    return TrainPass(*_ops.proto_train(x, prototypes, labels, float(temperature), weight, bias, float(eps)))
 
 
 # ---- autograd: thin glue around the backward ops ---------------------------------------------
@@ -129,23 +144,36 @@ torch.library.register_autograd(
 
 
 def _train_setup(ctx, inputs, output):
-    x, prototypes, labels, temperature = inputs
-    _, index, _, _, weighted = output
-    ctx.mark_non_differentiable(index, weighted)
+    # Arguments left at their defaults (weight=None, bias=None, eps) may be absent from inputs.
+    x, prototypes, labels, temperature = inputs[:4]
+    weight, bias = (inputs[4:6] + (None, None))[:2]
+    _, index, _, _, weighted, x_hat, stats = output
+    ctx.mark_non_differentiable(index, weighted, x_hat, stats)
     ctx.set_materialize_grads(False)  # unused outputs stay None: no [N, D] zero gradients
     ctx.temperature = temperature
-    if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(x, prototypes, labels, index, weighted)
+    if any(ctx.needs_input_grad[i] for i in (0, 4, 5) if i < len(inputs)):
+        ctx.save_for_backward(x, prototypes, labels, index, weighted, weight, bias, stats)
 
 
-def _train_backward(ctx, grad_scores, _grad_index, grad_own, grad_lse, _grad_weighted):
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    x, prototypes, labels, index, weighted = ctx.saved_tensors
-    grad_x = _ops.proto_train_backward(
-        grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, ctx.temperature
+def _train_backward(ctx, grad_scores, _grad_index, grad_own, grad_lse, _grad_weighted, _grad_x_hat, _grad_stats):
+    count = len(ctx.needs_input_grad)
+    needs = tuple(ctx.needs_input_grad) + (False,) * (7 - count)
+    if not (needs[0] or needs[4] or needs[5]):
+        return (None,) * count
+    x, prototypes, labels, index, weighted, weight, bias, stats = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _ops.proto_train_backward(
+        grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, ctx.temperature, weight, bias, stats
     )
-    return grad_x, None, None, None
+    grads = (
+        grad_x if needs[0] else None,
+        None,
+        None,
+        None,
+        grad_weight if needs[4] else None,
+        grad_bias if needs[5] else None,
+        None,
+    )
+    return grads[:count]
 
 
 torch.library.register_autograd("protoseg::proto_train", _train_backward, setup_context=_train_setup)

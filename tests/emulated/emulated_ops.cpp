@@ -51,16 +51,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     auto ex = exec();
     return pc::proto_contrast_loss_backward(ex, gc, gd, x, p, t, tau, ignore);
   });
-  m.def("proto_train", [](const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double tau) {
-    auto ex = exec();
-    return pc::proto_train(ex, x, p, labels, tau);
-  });
+  m.def(
+      "proto_train",
+      [](const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double tau,
+         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+        auto ex = exec();
+        return pc::proto_train(ex, x, p, labels, tau, weight, bias, eps);
+      },
+      py::arg("x"), py::arg("prototypes"), py::arg("labels"), py::arg("temperature"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
   m.def("proto_train_backward",
         [](const std::optional<at::Tensor>& gs, const std::optional<at::Tensor>& go, const std::optional<at::Tensor>& gl,
            const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, const at::Tensor& index,
-           const at::Tensor& weighted, double tau) {
+           const at::Tensor& weighted, double tau, const std::optional<at::Tensor>& weight,
+           const std::optional<at::Tensor>& bias, const at::Tensor& stats) {
           auto ex = exec();
-          return pc::proto_train_backward(ex, gs, go, gl, x, p, labels, index, weighted, tau);
+          return pc::proto_train_backward(ex, gs, go, gl, x, p, labels, index, weighted, tau, weight, bias, stats);
         });
   // CUDA runs layer_norm_normalize as an ATen composite (no kernel of its own): the same code here.
   m.def("layer_norm_normalize", &protoseg::composite::layer_norm_normalize);
