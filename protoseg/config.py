@@ -144,7 +144,8 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict, source: str = "<checkpoint>", overrides: typing.Sequence[str] = ()) -> Config:
+def config_from_dict(data: dict, source: str = "<checkpoint>",
+                     overrides: typing.Sequence[str] = ()) -> Config:
     """A config saved as plain data (a checkpoint's), with `overrides` applied as in load_config.
     Sections or keys missing from `data` (a checkpoint older than them) take their defaults."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}

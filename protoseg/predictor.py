@@ -33,10 +33,12 @@ class Predictor:
         check_test_config(cfg.test)
         self.model, self.cfg, self.device = model.eval(), cfg, device
         self.class_names = class_names(cfg.data.dataset, cfg.data.num_classes)
-        self.transform = EvalTransform(np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32))
+        mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
+        self.transform = EvalTransform(mean, std)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | torch.device | None = None, **test_options) -> Predictor:
+    def from_checkpoint(cls, path: str, device: str | torch.device | None = None,
+                        **test_options) -> Predictor:
         """Build the model from the config stored in checkpoint `path` and load its weights.
         `device`: default CUDA when available, else the CPU. `test_options` override the
         stored `test:` section (mode="slide", crop_size=[512, 1024], scales=[...], flip=True)."""
@@ -84,5 +86,6 @@ def _as_rgb(image) -> np.ndarray:
         raise TypeError(f"image must be a path or an [H, W, 3] uint8 RGB numpy array "
                         f"(got {type(image).__name__})")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"image must be an [H, W, 3] uint8 RGB array (got {image.dtype} {list(image.shape)})")
+        raise ValueError(f"image must be an [H, W, 3] uint8 RGB array "
+                         f"(got {image.dtype} {list(image.shape)})")
     return image

@@ -43,7 +43,8 @@ class Pointwise(nn.Module):
 
 
 def slide(crop, stride, window_batch=4, **kw):
-    return TestConfig(mode="slide", crop_size=list(crop), stride=list(stride), window_batch=window_batch, **kw)
+    return TestConfig(mode="slide", crop_size=list(crop), stride=list(stride), window_batch=window_batch,
+                      **kw)
 
 
 def test_window_starts_by_hand():
@@ -128,7 +129,8 @@ def test_multi_scale_averages_probabilities_at_the_image_size():
     model = Pointwise()
     image = torch.rand(1, 3, 37, 53)
     single = predict(model, image, TestConfig()).softmax(dim=1)
-    torch.testing.assert_close(predict(model, image, TestConfig(scales=[1.0, 1.0])), single, rtol=0, atol=1e-7)
+    twice = predict(model, image, TestConfig(scales=[1.0, 1.0]))
+    torch.testing.assert_close(twice, single, rtol=0, atol=1e-7)
     out = predict(model, image, TestConfig(scales=[0.5, 0.75, 1.25], flip=True))
     assert out.shape == (1, 5, 37, 53)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 37, 53))

@@ -28,7 +28,8 @@ def test_a_path_and_the_same_image_as_an_array_give_the_same_map(tiny_checkpoint
     # the evaluation pipeline's normalisation and prediction, by hand
     cfg = predictor.cfg
     x = normalize_image(rgb, np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32))
-    np.testing.assert_array_equal(predict(predictor.model, x[None], cfg.test).argmax(1)[0].numpy(), from_array)
+    by_hand = predict(predictor.model, x[None], cfg.test).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(by_hand, from_array)
 
 
 def test_lists_are_batched_and_probabilities_match_the_map(tiny_checkpoint, tmp_path):

@@ -88,8 +88,8 @@ def main() -> int:
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
     d, t = cfg.data, cfg.test
-    protocol = (f"test.mode={t.mode}" + (f" crop {t.crop_size} stride {t.stride}" if t.mode == "slide" else "")
-                + f", scales {t.scales}, flip {str(t.flip).lower()}")
+    windows = f" crop {t.crop_size} stride {t.stride}" if t.mode == "slide" else ""
+    protocol = f"test.mode={t.mode}{windows}, scales {t.scales}, flip {str(t.flip).lower()}"
     if args.format_only:
         loader = build_image_loader(cfg, rank, world)
         names = [png_name(p) for p in loader.dataset.paths]
@@ -99,7 +99,8 @@ def main() -> int:
             return 2
         for batch, pred in predict_loader(model, loader, device, t, cfg.train.amp):
             for index, p in zip(batch["indices"].tolist(), pred.cpu().numpy()):
-                write_png(os.path.join(args.format_only, names[index]), submission_image(p, d.dataset, d.num_classes))
+                ids = submission_image(p, d.dataset, d.num_classes)
+                write_png(os.path.join(args.format_only, names[index]), ids)
         barrier()
         if rank == 0:
             print(f"{args.checkpoint} (iteration {state.get('iteration')}), {protocol}: wrote "
@@ -107,16 +108,20 @@ def main() -> int:
     else:
         loader = build_val_loader(cfg, rank, world)
         evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
-        save_dir = os.path.join(args.save_pred, f"rank{rank}") if args.save_pred and world > 1 else args.save_pred
+        save_dir = args.save_pred
+        if save_dir and world > 1:
+            save_dir = os.path.join(save_dir, f"rank{rank}")
         started = time.perf_counter()
         results = evaluate_model(model, loader, evaluator, device, t, cfg.train.amp, save_dir, args.limit)
         if rank == 0:
             print(f"{args.checkpoint} (iteration {state.get('iteration')}) on {len(loader.dataset)} images, "
                   f"{protocol}: {time.perf_counter() - started:.1f} s")
             print(format_table(results))
-            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "test_results.json")
+            folder = os.path.dirname(os.path.abspath(args.checkpoint))
+            out = args.out or os.path.join(folder, "test_results.json")
             save_results(results, out)
-            print(f"results written to {out}" + (f"; predictions in {args.save_pred}" if args.save_pred else ""))
+            saved = f"; predictions in {args.save_pred}" if args.save_pred else ""
+            print(f"results written to {out}{saved}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from protoseg.config import Config
 from protoseg.data import digitscenes
-from protoseg.data.datasets import (ImageDataset, SegmentationDataset, dataset_images, dataset_pairs, folder_pairs,
-                                    list_images)
+from protoseg.data.datasets import (ImageDataset, SegmentationDataset, dataset_images, dataset_pairs,
+                                    folder_pairs, list_images)
 from protoseg.data.transforms import EvalTransform, TrainTransform
 
 

@@ -74,7 +74,8 @@ def overlay(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: 
     """The colourised prediction blended over `image` ([H, W, 3] uint8 RGB), with a legend of
     the classes present to its right."""
     colours = palette(len(class_names))
-    blended = (image.astype(np.float32) * (1 - alpha) + colorize(pred, colours, ignore_index=-1) * alpha).astype(np.uint8)
+    colour = colorize(pred, colours, ignore_index=-1)
+    blended = (image.astype(np.float32) * (1 - alpha) + colour * alpha).astype(np.uint8)
     present = [int(k) for k in np.unique(pred) if 0 <= k < len(class_names)]
     font, scale, row = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 16
     text_width = max([cv2.getTextSize(class_names[k], font, scale, 1)[0][0] for k in present] or [0])

@@ -183,8 +183,8 @@ def start_loop(run: Run) -> None:
     cfg, t, d = run.cfg, run.cfg.train, run.cfg.data
     run.net = run.model
     if run.world > 1:
-        run.net = DistributedDataParallel(run.model, broadcast_buffers=False,
-                                          device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
     run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
     run.val_loader = build_val_loader(cfg, run.rank, run.world)
     run.evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
@@ -241,8 +241,8 @@ def train_step(run: Run, iteration: int, stop: StopRequest) -> tuple[torch.Tenso
 
     with autocast(run.device, t.amp):
         out = run.net(images, labels)
-    loss, terms = compute_loss(out, labels, ignore_index=run.cfg.data.ignore_index,
-                               class_weights=run.class_weights, ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
+    loss, terms = compute_loss(out, labels, ignore_index=run.cfg.data.ignore_index, class_weights=run.class_weights,
+                               ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
     flags = agree_on_stop(loss, stop.signal != 0)
     if flags.nonfinite_loss:
         values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
@@ -284,7 +284,8 @@ def evaluate_and_checkpoint(run: Run, iteration: int, checkpoint_now: bool = Fal
 def evaluate(run: Run, iteration: int) -> None:
     if not run.sync_bn:
         broadcast_batchnorm_buffers(run.model)
-    results = evaluate_model(run.model, run.val_loader, run.evaluator, run.device, run.cfg.test, run.cfg.train.amp)
+    results = evaluate_model(run.model, run.val_loader, run.evaluator, run.device, run.cfg.test,
+                             run.cfg.train.amp)
     if run.main:
         run.log(f"\nevaluation at iteration {iteration}\n{format_table(results)}")
         save_results(results, os.path.join(run.cfg.run_dir, "eval_results.json"))
