@@ -55,9 +55,25 @@ def test_config_base_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "child.yaml"), ["train.iterations=1.5"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(str(tmp_path / "child.yaml"), ["model.nope=1"])
+    cfg = load_config(str(tmp_path / "child.yaml"), ["test.mode=slide", "test.scales=[1, 1.5]", "test.flip=true"])
+    assert (cfg.test.mode, cfg.test.scales, cfg.test.flip) == ("slide", [1.0, 1.5], True)
+    assert load_config(str(tmp_path / "child.yaml")).test.scales == [1.0]  # default: one whole-image pass
+    with pytest.raises(ConfigError, match="test.flip must be bool"):
+        load_config(str(tmp_path / "child.yaml"), ["test.flip=3"])
     (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
     with pytest.raises(ConfigError, match="cannot have a base"):
         load_config(str(tmp_path / "grandchild.yaml"))
+
+
+def test_a_stored_config_takes_overrides_and_defaults_missing_sections():
+    from protoseg.config import Config, config_from_dict, config_to_dict
+
+    stored = config_to_dict(Config())
+    del stored["test"]  # a checkpoint written before the test: section existed
+    cfg = config_from_dict(stored, "ckpt.pth", ["test.flip=true", "data.num_classes=3"])
+    assert cfg.test.flip and cfg.data.num_classes == 3 and cfg.test.mode == "whole"
+    with pytest.raises(ConfigError, match=r"override .test.flips=true.: unknown key\(s\) test.flips"):
+        config_from_dict(stored, "ckpt.pth", ["test.flips=true"])
 
 
 def test_every_shipped_config_loads():
