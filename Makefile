@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn pyyaml tqdm tensorboard packaging \
-		pytest pytest-benchmark expecttest hypothesis ninja cmake
+		pytest pytest-benchmark expecttest hypothesis ninja cmake cityscapesscripts==2.3.0
 	touch $(STAMP)
 
 # The extension is built in place with ninja into build/ (incremental: a second `make build` with

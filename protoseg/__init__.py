@@ -2,5 +2,15 @@
 
 from protoseg import ops
 
-__all__ = ["ops"]
+__all__ = ["ops", "Predictor"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # protoseg.Predictor imports the models (timm) on first use, so that `import protoseg` for
+    # the operators alone stays light.
+    if name == "Predictor":
+        from protoseg.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'protoseg' has no attribute {name!r}")

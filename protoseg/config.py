@@ -1,10 +1,11 @@
 """Experiment configuration: dataclasses filled from one flat YAML file.
 
-A YAML file has the sections `model`, `data` and `train` (plus `name` and `output_dir`) and may
+A YAML file has the sections `model`, `data`, `train` and `test` (plus `name` and `output_dir`) and may
 name ONE `base:` file (relative to itself) whose values it overrides; the base must not have a
 base of its own. Unknown keys and values of the wrong type are errors naming the file and the
 key. Command-line overrides are `section.key=value`, the value parsed as YAML
-(`train.lr=0.02`, `data.crop_size=[512,1024]`, `model.classifier=softmax`).
+(`train.lr=0.02`, `data.crop_size=[512,1024]`, `model.classifier=softmax`,
+`test.scales=[0.75,1.0,1.25]`).
 """
 
 from __future__ import annotations
@@ -92,12 +93,27 @@ class TrainConfig:
 
 
 @dataclass
+class TestConfig:
+    """How every prediction is made: periodic evaluation, tools/test.py, tools/infer.py and
+    protoseg.Predictor (protoseg/engine/predict.py). The defaults are one whole-image pass."""
+
+    __test__ = False  # not a pytest test class, despite the name
+    mode: str = "whole"  # whole (the image in one pass) or slide (overlapping windows)
+    crop_size: list[int] = field(default_factory=list)  # slide: [height, width] of a window
+    stride: list[int] = field(default_factory=list)  # slide: [height, width] between windows
+    scales: list[float] = field(default_factory=lambda: [1.0])  # image resize factors
+    flip: bool = False  # also predict the horizontally flipped image (at every scale)
+    window_batch: int = 4  # slide: windows per forward pass; memory grows with it, not the image
+
+
+@dataclass
 class Config:
     name: str = "experiment"
     output_dir: str = ""  # "" means runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
 
     @property
     def run_dir(self) -> str:
@@ -120,11 +136,7 @@ def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
         data = _check_and_merge(base, data, path)
     else:
         data = _check_and_merge({}, data, path)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw), f"override {item!r}")
+    _apply_overrides(data, overrides)
     return _build(Config, data, path)
 
 
@@ -132,13 +144,27 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict, source: str = "<checkpoint>") -> Config:
+def config_from_dict(data: dict, source: str = "<checkpoint>",
+                     overrides: typing.Sequence[str] = ()) -> Config:
+    """A config saved as plain data (a checkpoint's), with `overrides` applied as in load_config.
+    Sections or keys missing from `data` (a checkpoint older than them) take their defaults."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    _build(Config, data, source)
+    _apply_overrides(data, overrides)
     return _build(Config, data, source)
 
 
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def _apply_overrides(data: dict, overrides: typing.Sequence[str]) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw), f"override {item!r}")
 
 
 def _read_yaml(path: str) -> dict:

@@ -48,3 +48,21 @@ def tiny_config(tmp_path):
 
 def tool_command(name: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "tools", name), *args]
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_config, tmp_path):
+    """A function (*overrides) -> path of a checkpoint holding a randomly initialised model of
+    the tiny config (with overrides) and that config, as the trainer stores them."""
+    from protoseg.config import config_to_dict, load_config
+    from protoseg.models.segmentor import build_model
+
+    def write(*overrides: str) -> str:
+        cfg = load_config(tiny_config(), list(overrides))
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        path = tmp_path / "tiny_checkpoint.pth"
+        torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "iteration": 0}, path)
+        return str(path)
+
+    return write

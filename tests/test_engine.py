@@ -8,7 +8,7 @@ import torch
 from protoseg.config import ConfigError, load_config
 from protoseg.engine import checkpoint as ckpt
 from protoseg.engine import trainer as trainer_module
-from protoseg.engine.distributed import state_fingerprints
+from protoseg.engine.distributed import check_replicas_identical, state_fingerprints
 from protoseg.engine.evaluator import SegEvaluator, confusion_matrix, metrics_from_confusion
 from protoseg.engine.trainer import NonFiniteLoss, train
 
@@ -55,9 +55,25 @@ def test_config_base_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "child.yaml"), ["train.iterations=1.5"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(str(tmp_path / "child.yaml"), ["model.nope=1"])
+    cfg = load_config(str(tmp_path / "child.yaml"), ["test.mode=slide", "test.scales=[1, 1.5]", "test.flip=true"])
+    assert (cfg.test.mode, cfg.test.scales, cfg.test.flip) == ("slide", [1.0, 1.5], True)
+    assert load_config(str(tmp_path / "child.yaml")).test.scales == [1.0]  # default: one whole-image pass
+    with pytest.raises(ConfigError, match="test.flip must be bool"):
+        load_config(str(tmp_path / "child.yaml"), ["test.flip=3"])
     (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
     with pytest.raises(ConfigError, match="cannot have a base"):
         load_config(str(tmp_path / "grandchild.yaml"))
+
+
+def test_a_stored_config_takes_overrides_and_defaults_missing_sections():
+    from protoseg.config import Config, config_from_dict, config_to_dict
+
+    stored = config_to_dict(Config())
+    del stored["test"]  # a checkpoint written before the test: section existed
+    cfg = config_from_dict(stored, "ckpt.pth", ["test.flip=true", "data.num_classes=3"])
+    assert cfg.test.flip and cfg.data.num_classes == 3 and cfg.test.mode == "whole"
+    with pytest.raises(ConfigError, match=r"override .test.flips=true.: unknown key\(s\) test.flips"):
+        config_from_dict(stored, "ckpt.pth", ["test.flips=true"])
 
 
 def test_every_shipped_config_loads():
@@ -94,6 +110,37 @@ def test_fingerprint_sees_a_single_bit():
     assert (before != after).tolist() == [True, False]
 
 
+def _replica_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        results = [str(check_replicas_identical(model))]
+        if rank == 1:  # one bit of one buffer on rank 1
+            with torch.no_grad():
+                model[1].running_var[2] = torch.nextafter(model[1].running_var[2], torch.tensor(2.0))
+        try:
+            results.append(str(check_replicas_identical(model)))
+        except RuntimeError as e:
+            results.append(str(e))
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_replica_check_counts_matching_ranks_and_names_a_differing_tensor(tmp_path):
+    torch.multiprocessing.spawn(_replica_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        identical, perturbed = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert identical == "2"
+        assert "hold different 1.running_var (and 0 other tensors)" in perturbed, perturbed
+    assert check_replicas_identical(torch.nn.Linear(2, 2)) == 1  # one process: itself
+
+
 # ---------------------------------------------------------------- training
 
 def _load(run_dir, name):
@@ -107,7 +154,7 @@ def _assert_states_equal(a, b):
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_exact(tiny_config, tmp_path):
+def test_resume_is_bitwise_exact(tiny_config, tmp_path, progress_bars):
     path = tiny_config()
     assert train(load_config(path, [f"output_dir={tmp_path}/full"])) == "finished"
     half = [f"output_dir={tmp_path}/half"]
@@ -118,13 +165,35 @@ def test_resume_is_bitwise_exact(tiny_config, tmp_path):
     assert "classifier.prototypes" in full["model"]
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert len(progress_bars) == 3 and all(bar.closed for bar in progress_bars)
     # and the prototypes did move
     first = _load(tmp_path / "full", "iter_0000002.pth")["model"]["classifier.prototypes"]
     assert not torch.equal(first, full["model"]["classifier.prototypes"])
 
 
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """The trainer's tqdm bars, each recording whether it was closed."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            bars.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    return bars
+
+
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch):
+def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch, progress_bars):
     calls = {"n": 0}
     real = trainer_module.compute_loss
 
@@ -139,10 +208,11 @@ def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch
         train(cfg)
     # the checkpoint of iteration 2 is the newest: nothing was saved after the bad step
     assert os.path.basename(ckpt.list_checkpoints(cfg.run_dir)[0]) == "iter_0000002.pth"
+    assert len(progress_bars) == 1 and progress_bars[0].closed
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch):
+def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch, progress_bars):
     calls = {"n": 0}
     real = trainer_module.compute_loss
 
@@ -158,6 +228,7 @@ def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch):
     assert train(cfg) == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
     assert _load(cfg.run_dir, "checkpoint_last.pth")["iteration"] == 1
+    assert len(progress_bars) == 1 and progress_bars[0].closed
 
 
 def test_optimizers_and_backbone_lr_multiplier():

@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, tool_command
+from protoseg.engine.evaluator import SegEvaluator
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -45,7 +48,74 @@ def test_train_then_test_writes_everything(tiny_config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "mIoU" in result.stdout
     assert sorted(os.listdir(tmp_path / "pred")) == [f"{i:06d}.png" for i in range(4)]
-    assert json.loads((run / "test_results.json").read_text())["pixels"] > 0
+    tested = json.loads((run / "test_results.json").read_text())
+    assert tested["pixels"] > 0
+
+    # the checkpoint alone: its stored config, the overrides on top
+    alone = tmp_path / "alone.json"
+    result = _run(tool_command("test.py", str(run / "checkpoint_last.pth"),
+                               f"data.val_images={data}/images/val", f"data.val_labels={data}/labels/val",
+                               "--out", str(alone)))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(alone.read_text()) == tested
+
+    # tools/infer.py on the same images, its PNGs scored against the labels: test.py's mIoU
+    result = _run(tool_command("infer.py", str(run / "checkpoint_last.pth"), f"{data}/images/val",
+                               "--out", str(tmp_path / "infer")))
+    assert result.returncode == 0, result.stderr
+    assert "4 images segmented" in result.stdout
+    evaluator = SegEvaluator(11)
+    for i in range(4):
+        pred = cv2.imread(str(tmp_path / "infer" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+        label = cv2.imread(str(data / "labels" / "val" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+        assert pred.dtype == np.uint8 and pred.shape == label.shape
+        evaluator.process(torch.from_numpy(pred), torch.from_numpy(label))
+        overlay = cv2.imread(str(tmp_path / "infer" / f"{i:06d}_overlay.png"), cv2.IMREAD_COLOR)
+        assert overlay.shape[0] >= 32 and overlay.shape[1] > 32  # the image, and the legend beside it
+    assert evaluator.evaluate()["mIoU"] == tested["mIoU"]
+
+
+@pytest.mark.slow
+def test_infer_reports_bad_inputs_by_name_and_writes_the_rest(tiny_checkpoint, tmp_path):
+    checkpoint = tiny_checkpoint()
+    inputs = tmp_path / "inputs"
+    (inputs / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(inputs / "a.png"), rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+    cv2.imwrite(str(inputs / "nested" / "b.jpg"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    result = _run(tool_command("infer.py", checkpoint, str(inputs), str(tmp_path / "nothing*.png"),
+                               "test.flip=true", "--out", str(out)))
+    assert result.returncode == 1
+    assert "broken.png" in result.stderr and "nothing*.png" in result.stderr
+    assert "2 images segmented" in result.stdout and "2 failed" in result.stdout
+    assert sorted(os.listdir(out)) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    assert cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED).shape == (30, 41)
+    assert not [n for n in os.listdir(out) if "tmp" in n]  # written through temporary files
+
+    # two images with one stem would overwrite each other: refused before anything runs
+    cv2.imwrite(str(inputs / "nested" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    result = _run(tool_command("infer.py", checkpoint, str(inputs), "--out", str(tmp_path / "out2")))
+    assert result.returncode == 2 and "both be written as a.png" in result.stderr
+    result = _run(tool_command("infer.py", checkpoint, str(inputs), "model.proj_dim=8", "--out", str(out)))
+    assert result.returncode == 2 and "only test.key=value" in result.stderr
+
+
+@pytest.mark.slow
+def test_format_only_writes_class_ids_of_a_split_without_labels(tiny_checkpoint, tmp_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    cv2.imwrite(str(images / "x.png"), np.random.default_rng(1).integers(0, 256, (33, 47, 3), dtype=np.uint8))
+    checkpoint = tiny_checkpoint()
+    result = _run(tool_command("test.py", checkpoint, f"data.val_images={images}", "--format-only",
+                               str(tmp_path / "sub")))
+    assert result.returncode == 0, result.stderr
+    written = cv2.imread(str(tmp_path / "sub" / "x.png"), cv2.IMREAD_UNCHANGED)
+    result = _run(tool_command("infer.py", checkpoint, str(images / "x.png"), "--out", str(tmp_path / "inf")))
+    np.testing.assert_array_equal(written, cv2.imread(str(tmp_path / "inf" / "x.png"), cv2.IMREAD_UNCHANGED))
+    result = _run(tool_command("test.py", checkpoint, "test.mode=slide"))
+    assert result.returncode == 2 and "test.crop_size" in result.stderr
 
 
 def test_config_errors_exit_2_naming_the_key(tiny_config):

@@ -24,6 +24,9 @@ CITYSCAPES_CLASSES = [
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
     "motorcycle", "bicycle",
 ]
+# The Cityscapes label id of each train id: what the official evaluation and the test server
+# read (cityscapesscripts/helpers/labels.py; tests/test_cityscapes_export.py checks it there).
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 
 
 class SampleError(RuntimeError):
@@ -70,9 +73,7 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image [H, W, 3] uint8 RGB, label [H, W] uint8/uint16 class ids), checked."""
         image_path, label_path = self.pairs[index]
-        image = cv2.imread(image_path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise SampleError(f"cannot read image {image_path} (missing, truncated or not an image)")
+        image = read_image(image_path)
         label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
         if label is None:
             raise SampleError(f"cannot read label {label_path} (missing, truncated or not an image)")
@@ -90,46 +91,95 @@ class SegmentationDataset(Dataset):
             values = np.unique(label[bad])
             raise SampleError(f"label {label_path} has value(s) {values[:8].tolist()} outside "
                               f"[0, {self.num_classes}) that are not ignore ({self.ignore_index})")
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         return image, label.astype(np.uint8 if self.num_classes < 256 else np.int32)
+
+
+class ImageDataset(Dataset):
+    """Images without labels (a test split, anyone's photos): items are (image [3, H, W]
+    float32, index), normalised as `SegmentationDataset` does for evaluation; an unreadable
+    image raises `SampleError` naming it, or with on_error="skip" gives None."""
+
+    def __init__(self, paths: list[str], transform, on_error: str = "raise"):
+        if not paths:
+            raise ValueError("no images to predict")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.paths, self.transform, self.on_error = paths, transform, on_error
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.paths[index])
+        except SampleError:
+            if self.on_error == "skip":
+                return None
+            raise
+        return self.transform.image(image), index
+
+
+def read_image(path: str) -> np.ndarray:
+    """[H, W, 3] uint8 RGB (any OpenCV-readable file; grey or 16-bit images are converted)."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise SampleError(f"cannot read image {path} (missing, truncated or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files under `folder`, recursively, sorted."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths = [p for p in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
+             if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return paths
 
 
 def folder_pairs(images_dir: str, labels_dir: str, label_suffix: str = ".png",
                  image_suffix: str = "") -> list[tuple[str, str]]:
     """Images under `images_dir` (recursively) with labels at the same relative path under
     `labels_dir`, the file name's `image_suffix` + extension replaced by `label_suffix`."""
-    if not os.path.isdir(images_dir):
-        raise FileNotFoundError(f"image folder {images_dir} does not exist")
     pairs = []
-    for image_path in sorted(glob.glob(os.path.join(images_dir, "**", "*"), recursive=True)):
-        stem, ext = os.path.splitext(os.path.relpath(image_path, images_dir))
-        if ext.lower() not in IMAGE_EXTENSIONS:
-            continue
+    for image_path in list_images(images_dir):
+        stem = os.path.splitext(os.path.relpath(image_path, images_dir))[0]
         if image_suffix and stem.endswith(image_suffix):
             stem = stem[: -len(image_suffix)]
         label_path = os.path.join(labels_dir, stem + label_suffix)
         if not os.path.exists(label_path):
             raise FileNotFoundError(f"no label {label_path} for image {image_path}")
         pairs.append((image_path, label_path))
-    if not pairs:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images_dir}")
     return pairs
 
 
 def dataset_pairs(dataset: str, root: str, split: str) -> list[tuple[str, str]]:
     """The (image, label) pairs of a split of a known data set layout."""
+    images_dir, labels_dir, label_suffix, image_suffix = split_layout(dataset, root, split)
+    return folder_pairs(images_dir, labels_dir, label_suffix=label_suffix, image_suffix=image_suffix)
+
+
+def dataset_images(dataset: str, root: str, split: str) -> list[str]:
+    """The images of a split of a known data set layout; labels are not needed (a test split)."""
+    return list_images(split_layout(dataset, root, split)[0])
+
+
+def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, str]:
+    """(images folder, labels folder, label suffix, image suffix) of a split: a label is the
+    image's relative path, its image suffix and extension replaced by the label suffix."""
     if dataset in ("digitscenes", "folder"):
-        return folder_pairs(os.path.join(root, "images", split), os.path.join(root, "labels", split))
+        return os.path.join(root, "images", split), os.path.join(root, "labels", split), ".png", ""
     if dataset == "cityscapes":  # labels converted with cityscapesscripts' createTrainIdLabelImgs
-        return folder_pairs(os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split),
-                            label_suffix="_gtFine_labelTrainIds.png", image_suffix="_leftImg8bit")
+        return (os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split),
+                "_gtFine_labelTrainIds.png", "_leftImg8bit")
     if dataset == "ade20k":  # ADEChallengeData2016
         sub = {"train": "training", "val": "validation"}.get(split, split)
-        return folder_pairs(os.path.join(root, "images", sub), os.path.join(root, "annotations", sub))
+        return os.path.join(root, "images", sub), os.path.join(root, "annotations", sub), ".png", ""
     if dataset == "coco_stuff":  # COCO-Stuff-164k with mmseg's *_labelTrainIds.png (171 classes)
         sub = {"train": "train2017", "val": "val2017"}.get(split, split)
-        return folder_pairs(os.path.join(root, "images", sub), os.path.join(root, "annotations", sub),
-                            label_suffix="_labelTrainIds.png")
+        return (os.path.join(root, "images", sub), os.path.join(root, "annotations", sub),
+                "_labelTrainIds.png", "")
     raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, coco_stuff or folder "
                      f"(got {dataset!r})")
 

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from protoseg.config import Config
 from protoseg.data import digitscenes
-from protoseg.data.datasets import SegmentationDataset, dataset_pairs, folder_pairs
+from protoseg.data.datasets import (ImageDataset, SegmentationDataset, dataset_images, dataset_pairs,
+                                    folder_pairs, list_images)
 from protoseg.data.transforms import EvalTransform, TrainTransform
 
 
@@ -56,13 +57,15 @@ def _worker_init(worker_id: int) -> None:
 
 
 def collate(items):
-    """Stack the good samples; `skipped` counts those the data set dropped (on_error=skip)."""
+    """Stack the good samples, (image, label, index) or (image, index); `skipped` counts those
+    the data set dropped (on_error=skip)."""
     good = [item for item in items if item is not None]
     batch = {"skipped": len(items) - len(good)}
     if good:
         batch["images"] = torch.stack([g[0] for g in good])
-        batch["labels"] = torch.stack([g[1] for g in good])
-        batch["indices"] = torch.tensor([g[2] for g in good])
+        if len(good[0]) == 3:
+            batch["labels"] = torch.stack([g[1] for g in good])
+        batch["indices"] = torch.tensor([g[-1] for g in good])
     return batch
 
 
@@ -108,5 +111,16 @@ def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
                                   ignore_index=d.ignore_index, reduce_zero_label=d.dataset == "ade20k",
                                   on_error=d.on_error)
     shard = list(range(rank, len(dataset), world_size))  # no padding: each image counted once
+    return DataLoader(dataset, batch_size=d.eval_batch_size, sampler=shard, num_workers=d.num_workers,
+                      collate_fn=collate, worker_init_fn=_worker_init)
+
+
+def build_image_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
+    """The images alone of the val split (or of data.val_images), sharded over ranks, for
+    writing predictions of a split that has no labels (Cityscapes test)."""
+    d = cfg.data
+    paths = list_images(d.val_images) if d.val_images else dataset_images(d.dataset, d.root, d.val_split)
+    dataset = ImageDataset(paths, EvalTransform(*_stats(cfg)), on_error=d.on_error)
+    shard = list(range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=d.eval_batch_size, sampler=shard, num_workers=d.num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init)

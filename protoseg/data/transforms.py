@@ -38,13 +38,17 @@ class TrainTransform:
 
 @dataclass
 class EvalTransform:
-    """Whole-image inference: normalise only."""
+    """Evaluation and prediction: normalise only (protoseg/engine/predict.py does the rest)."""
 
     mean: np.ndarray
     std: np.ndarray
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
         return to_tensors(image, label, self.mean, self.std)
+
+    def image(self, image: np.ndarray) -> torch.Tensor:
+        """[H, W, 3] RGB -> [3, H, W] float32, exactly as for an evaluated sample."""
+        return normalize_image(image, self.mean, self.std)
 
 
 def random_scale(image, label, scale_range, rng):
@@ -91,6 +95,10 @@ def photometric_distortion(image, rng):
 
 
 def to_tensors(image, label, mean, std):
+    return normalize_image(image, mean, std), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+def normalize_image(image, mean, std) -> torch.Tensor:
+    """[H, W, 3] RGB (0-255) -> [3, H, W] float32, (image - mean) / std."""
     image = (np.asarray(image, np.float32) - mean) / std
-    image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return image, torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

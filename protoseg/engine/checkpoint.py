@@ -52,11 +52,17 @@ def _to_tuple(x):
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename over `path`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(binary file) on a temporary file in the folder of `path`, fsync, rename it
+    over `path`: readers see the old file or the whole new one, never a part."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -63,16 +63,21 @@ def state_fingerprints(model: nn.Module) -> tuple[list[str], torch.Tensor]:
     return names, torch.tensor(values, dtype=torch.int64)
 
 
-def check_replicas_identical(model: nn.Module) -> None:
-    """Raise naming the first parameter or buffer that differs between ranks."""
+def check_replicas_identical(model: nn.Module) -> int:
+    """Compare every rank's fingerprints of `model` (all-gathered); return how many ranks hold
+    exactly this rank's model (1 without torch.distributed). Raise naming the first parameter
+    or buffer that differs."""
     if not is_distributed():
-        return
+        return 1
     names, mine = state_fingerprints(model)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     gathered = [torch.empty_like(mine, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine.to(device))
+    matching = 0
     for rank, other in enumerate(gathered):
         diff = (other.cpu() != mine).nonzero()
         if diff.numel():
             raise RuntimeError(f"rank {dist.get_rank()} and rank {rank} hold different "
                                f"{names[int(diff[0])]} (and {diff.numel() - 1} other tensors)")
+        matching += 1
+    return matching

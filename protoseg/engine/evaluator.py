@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from protoseg.engine.checkpoint import atomic_write
+
 
 def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """[K, K] int64 counts, rows = ground truth, columns = prediction, over pixels whose label
@@ -83,5 +85,5 @@ def format_table(results: dict) -> str:
 
 
 def save_results(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    """As JSON, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))

@@ -1,5 +1,7 @@
-"""The training loop, plain: build, loop (forward, finite-loss check, backward, step, periodic
-evaluation and checkpoint), done. `tools/train.py` is its command line.
+"""The training loop, plain: build_run (model, optimizer, schedule, resumed state), start_loop
+(loaders, logs), then per iteration train_step (forward, finite-loss check agreed by all
+ranks, backward, step), log_step, and evaluate_and_checkpoint. `tools/train.py` is its
+command line.
 
 Exit statuses (tools/train.py): 0 finished (or stopped at --stop-after), EXIT_NONFINITE when a
 loss was not finite, EXIT_INTERRUPTED after SIGTERM/SIGINT (a checkpoint was saved: resume).
@@ -12,11 +14,14 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from protoseg.config import Config, config_to_dict, save_config
 from protoseg.data.datasets import class_names
@@ -25,7 +30,7 @@ from protoseg.engine import checkpoint as ckpt
 from protoseg.engine.distributed import (barrier, broadcast_batchnorm_buffers, check_replicas_identical,
                                          init_distributed, is_distributed)
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results
-from protoseg.engine.inference import autocast, evaluate_model
+from protoseg.engine.predict import autocast, evaluate_model
 from protoseg.models.backbones import count_parameters
 from protoseg.models.segmentor import backbone_parameters, build_model, compute_loss
 
@@ -64,14 +69,76 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
     checkpoint) once this iteration is done, as if interrupted; 0 = run to the end.
 
     Returns "finished", "stopped" or "interrupted" (SIGTERM/SIGINT); raises NonFiniteLoss."""
+    run = build_run(cfg, resume, log)
+    total = cfg.train.iterations
+    if run.start_iter >= total:
+        run.info(f"nothing to do: already at iteration {run.start_iter} of {total}")
+        return "finished"
+    with StopRequest() as stop:
+        try:
+            start_loop(run)
+            for iteration in range(run.start_iter + 1, total + 1):
+                loss, terms, flags = train_step(run, iteration, stop)
+                log_step(run, iteration, loss, terms)
+                stopping = flags.stop_requested or iteration == stop_after
+                evaluate_and_checkpoint(run, iteration, checkpoint_now=stopping)
+                if stopping:
+                    why = f"signal {stop.signal}" if flags.stop_requested else "--stop-after"
+                    run.info(f"\nstopped at iteration {iteration} ({why}); continue with --resume")
+                    return "interrupted" if flags.stop_requested else "stopped"
+            run.progress.close()
+            run.info(f"finished {total} iterations in {time.time() - run.started:.0f} s"
+                     + (f"; {run.skipped} bad samples skipped" if run.skipped else ""))
+            return "finished"
+        finally:
+            close_loop(run)
+
+
+@dataclass
+class Run:
+    """What a training run holds: build_run fills the first part, start_loop the rest."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # the bare model: what is evaluated and saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    class_weights: torch.Tensor | None
+    sync_bn: bool
+    start_iter: int
+    resumed: dict | None  # the checkpoint resumed from, until start_loop restores its RNG states
+    log: Callable[[str], None]
+    net: torch.nn.Module | None = None  # what a step calls: the model, or DDP around it
+    batches: Iterator | None = None
+    val_loader: DataLoader | None = None
+    evaluator: SegEvaluator | None = None
+    records: RunRecords | None = None
+    progress: object = None  # the tqdm bar
+    skipped: int = 0  # bad samples dropped so far (data.on_error=skip)
+    started: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def info(self, message: str) -> None:
+        if self.main:
+            self.log(message)
+
+
+def build_run(cfg: Config, resume: str, log) -> Run:
+    """Join the ranks, prepare the run folder and data, build the model, optimizer, schedule
+    and grad scaler with the same seed on every rank, and load the checkpoint to resume."""
     rank, world, device = init_distributed()
-    main = rank == 0
     t, d = cfg.train, cfg.data
     run_dir = cfg.run_dir
     if not resume and ckpt.list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run: continue it with --resume, "
                               f"or set output_dir (or remove the folder) to start afresh")
-    if main:
+    if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         prepare_data(cfg)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -89,11 +156,11 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
     class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
     if class_weights is not None and len(class_weights) != d.num_classes:
         raise ValueError(f"train.class_weights has {len(class_weights)} values for {d.num_classes} classes")
-
-    start_iter, state = 0, None
+    run = Run(cfg, rank, world, device, model, optimizer, scheduler, scaler, class_weights, sync_bn,
+              start_iter=0, resumed=None, log=log)
     if resume:
         if resume == "auto":
-            state, path = ckpt.load_latest(run_dir, log=log if main else lambda _: None)
+            state, path = ckpt.load_latest(run_dir, log=run.info)
         else:
             state, path = ckpt.load_checkpoint(resume), resume
         if state is not None:
@@ -101,143 +168,185 @@ def train(cfg: Config, resume: str = "", stop_after: int = 0, log=print) -> str:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            start_iter = state["iteration"]
-            if main:
-                log(f"resumed from {path} at iteration {start_iter}")
-        elif main:
-            log(f"no checkpoint in {run_dir}: starting from scratch")
-    if start_iter >= t.iterations:
-        if main:
-            log(f"nothing to do: already at iteration {start_iter} of {t.iterations}")
-        return "finished"
+            run.start_iter, run.resumed = state["iteration"], state
+            run.info(f"resumed from {path} at iteration {run.start_iter}")
+        else:
+            run.info(f"no checkpoint in {run_dir}: starting from scratch")
+    return run
 
-    net = model
-    if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
-    # Stop requests are honoured at the next step boundary (loader workers ignore them).
-    stop = {"signal": 0}
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    writer = jsonl = None
-    try:
-        loader = build_train_loader(cfg, rank, world, start_iter)
-        batches = iter(loader)
-        val_loader = build_val_loader(cfg, rank, world)
-        evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
-        if state is not None and len(state["rng"]) == world:
-            ckpt.set_rng_state(state["rng"][rank])
-        else:  # dropout etc. differ per rank
-            seed_everything(t.seed + rank)
-        state = None
 
-        if main:
-            from torch.utils.tensorboard import SummaryWriter
+def start_loop(run: Run) -> None:
+    """DDP, the loaders (the training one resuming at start_iter), the evaluator, each rank's
+    RNG state, and on rank 0 the logs and the progress bar."""
+    from tqdm import tqdm
 
-            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_iter)
-            jsonl = open(os.path.join(run_dir, "log.jsonl"), "a")
-            log(f"{cfg.name}: {count_parameters(model) / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
-                f"iterations {start_iter} -> {t.iterations}, batch {t.batch_size}")
+    cfg, t, d = run.cfg, run.cfg.train, run.cfg.data
+    run.net = run.model
+    if run.world > 1:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
+    run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
+    run.val_loader = build_val_loader(cfg, run.rank, run.world)
+    run.evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
+    if run.resumed is not None and len(run.resumed["rng"]) == run.world:
+        ckpt.set_rng_state(run.resumed["rng"][run.rank])
+    else:  # dropout etc. differ per rank
+        seed_everything(t.seed + run.rank)
+    run.resumed = None
+    if run.main:
+        run.records = RunRecords(cfg.run_dir, run.start_iter)
+        run.log(f"{cfg.name}: {count_parameters(run.model) / 1e6:.2f}M parameters, {run.world} rank(s) on "
+                f"{run.device}, iterations {run.start_iter} -> {t.iterations}, batch {t.batch_size}")
+    run.progress = tqdm(total=t.iterations, initial=run.start_iter, disable=not run.main, dynamic_ncols=True)
+    run.model.train()
+    run.started = time.time()
 
-        def write_log(record: dict) -> None:
-            jsonl.write(json.dumps(record) + "\n")
-            jsonl.flush()
 
-        def save(iteration: int) -> None:
-            if not sync_bn:
-                broadcast_batchnorm_buffers(model)
-            check_replicas_identical(model)
-            rng = [ckpt.rng_state()]
-            if is_distributed():
-                rng = [None] * world
-                dist.all_gather_object(rng, ckpt.rng_state())
-            if main:
-                path = ckpt.save_checkpoint({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "iteration": iteration, "rng": rng, "config": config_to_dict(cfg),
-                }, run_dir, iteration, keep=t.keep_checkpoints)
-                # check_replicas_identical raised otherwise
-                write_log({"iter": iteration, "checkpoint": path, "replicas_identical": world})
+def close_loop(run: Run) -> None:
+    if run.progress is not None:
+        run.progress.close()
+    if run.records is not None:
+        run.records.close()
 
-        def run_eval(iteration: int) -> None:
-            if not sync_bn:
-                broadcast_batchnorm_buffers(model)
-            results = evaluate_model(model, val_loader, evaluator, device, t.amp)
-            if main:
-                log(f"\nevaluation at iteration {iteration}\n{format_table(results)}")
-                save_results(results, os.path.join(run_dir, "eval_results.json"))
-                write_log({"iter": iteration, "eval": results})
-                for key in ("mIoU", "mAcc", "aAcc"):
-                    writer.add_scalar(f"val/{key}", results[key], iteration)
 
-        from tqdm import tqdm
+@dataclass
+class StopFlags:
+    """Why the run stops after this step; the same on every rank (any rank's reason counts)."""
 
-        progress = tqdm(total=t.iterations, initial=start_iter, disable=not main, dynamic_ncols=True)
-        model.train()
-        flags = torch.zeros(2, device=device)
-        started, skipped = time.time(), 0
-        for it in range(start_iter, t.iterations):
-            batch = next(batches)
-            while "images" not in batch:  # every sample of the batch was bad (on_error=skip)
-                skipped += batch["skipped"]
-                batch = next(batches)
-            skipped += batch["skipped"]
-            images = batch["images"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
+    nonfinite_loss: bool
+    stop_requested: bool
 
-            with autocast(device, t.amp):
-                out = net(images, labels)
-            loss, terms = compute_loss(out, labels, ignore_index=d.ignore_index, class_weights=class_weights,
-                                       ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
-            # Every rank learns whether any rank saw a non-finite loss or a stop request, so
-            # they all stop at the same step.
-            flags[0] = float(not torch.isfinite(loss.detach()))
-            flags[1] = float(stop["signal"] != 0)
-            if is_distributed():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0]:
-                values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
-                raise NonFiniteLoss(f"non-finite loss at iteration {it + 1}: "
-                                    f"loss={float(loss.detach()):.6g} ({values}); "
-                                    f"rank {rank}; the last checkpoint is untouched")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration = it + 1
-            progress.update(1)
 
-            if main and (iteration % t.log_interval == 0 or iteration == t.iterations):
-                record = {"iter": iteration, "lr": optimizer.param_groups[1]["lr"],
-                          "loss": float(loss.detach()),
-                          **{k: float(v) for k, v in terms.items()}, "skipped": skipped,
-                          "time": round(time.time() - started, 2)}
-                write_log(record)
-                for key in ("loss", "lr", *terms):
-                    writer.add_scalar(f"train/{key}", record[key], iteration)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-            last = iteration == t.iterations
-            if iteration % t.eval_interval == 0 or last:
-                run_eval(iteration)
-            interrupted = bool(flags[1])
-            stopping = interrupted or iteration == stop_after
-            if iteration % t.checkpoint_interval == 0 or last or stopping:
-                save(iteration)
-            if stopping:
-                if main:
-                    why = f"signal {stop['signal']}" if interrupted else "--stop-after"
-                    log(f"\nstopped at iteration {iteration} ({why}); continue with --resume")
-                return "interrupted" if interrupted else "stopped"
-        progress.close()
-        if main:
-            log(f"finished {t.iterations} iterations in {time.time() - started:.0f} s"
-                + (f"; {skipped} bad samples skipped" if skipped else ""))
-        return "finished"
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if main and jsonl is not None:
-            jsonl.close()
-            writer.close()
+def agree_on_stop(loss: torch.Tensor, stop_requested: bool) -> StopFlags:
+    """Every rank learns whether any rank saw a non-finite loss or a stop request, so they all
+    stop at the same step."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(stop_requested), device=loss.device)])
+    if is_distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return StopFlags(nonfinite_loss=bool(flags[0]), stop_requested=bool(flags[1]))
+
+
+def train_step(run: Run, iteration: int, stop: StopRequest) -> tuple[torch.Tensor, dict, StopFlags]:
+    """One iteration: forward, loss, the agreed stop flags (raises NonFiniteLoss before any
+    update if a loss is not finite), backward, optimizer and schedule step."""
+    t = run.cfg.train
+    batch = next(run.batches)
+    while "images" not in batch:  # every sample of the batch was bad (on_error=skip)
+        run.skipped += batch["skipped"]
+        batch = next(run.batches)
+    run.skipped += batch["skipped"]
+    images = batch["images"].to(run.device, non_blocking=True)
+    labels = batch["labels"].to(run.device, non_blocking=True)
+
+    with autocast(run.device, t.amp):
+        out = run.net(images, labels)
+    loss, terms = compute_loss(out, labels, ignore_index=run.cfg.data.ignore_index, class_weights=run.class_weights,
+                               ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
+    flags = agree_on_stop(loss, stop.signal != 0)
+    if flags.nonfinite_loss:
+        values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
+        raise NonFiniteLoss(f"non-finite loss at iteration {iteration}: "
+                            f"loss={float(loss.detach()):.6g} ({values}); "
+                            f"rank {run.rank}; the last checkpoint is untouched")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.progress.update(1)
+    return loss, terms, flags
+
+
+def log_step(run: Run, iteration: int, loss: torch.Tensor, terms: dict) -> None:
+    t = run.cfg.train
+    if not run.main or (iteration % t.log_interval and iteration != t.iterations):
+        return
+    record = {"iter": iteration, "lr": run.optimizer.param_groups[1]["lr"], "loss": float(loss.detach()),
+              **{k: float(v) for k, v in terms.items()}, "skipped": run.skipped,
+              "time": round(time.time() - run.started, 2)}
+    run.records.write(record)
+    run.records.scalars("train", {key: record[key] for key in ("loss", "lr", *terms)}, iteration)
+    run.progress.set_postfix(loss=f"{record['loss']:.4f}")
+
+
+def evaluate_and_checkpoint(run: Run, iteration: int, checkpoint_now: bool = False) -> None:
+    """Evaluate every eval_interval iterations and at the end; save a checkpoint every
+    checkpoint_interval, at the end, and when `checkpoint_now` (the run is stopping)."""
+    t = run.cfg.train
+    last = iteration == t.iterations
+    if iteration % t.eval_interval == 0 or last:
+        evaluate(run, iteration)
+    if iteration % t.checkpoint_interval == 0 or last or checkpoint_now:
+        save(run, iteration)
+
+
+def evaluate(run: Run, iteration: int) -> None:
+    if not run.sync_bn:
+        broadcast_batchnorm_buffers(run.model)
+    results = evaluate_model(run.model, run.val_loader, run.evaluator, run.device, run.cfg.test,
+                             run.cfg.train.amp)
+    if run.main:
+        run.log(f"\nevaluation at iteration {iteration}\n{format_table(results)}")
+        save_results(results, os.path.join(run.cfg.run_dir, "eval_results.json"))
+        run.records.write({"iter": iteration, "eval": results})
+        run.records.scalars("val", {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}, iteration)
+
+
+def save(run: Run, iteration: int) -> None:
+    """Check that every rank holds the same model (raises naming the first tensor that
+    differs), then save model, optimizer, schedule, scaler, every rank's RNG state and the
+    config atomically."""
+    if not run.sync_bn:
+        broadcast_batchnorm_buffers(run.model)
+    identical = check_replicas_identical(run.model)
+    rng = [ckpt.rng_state()]
+    if is_distributed():
+        rng = [None] * run.world
+        dist.all_gather_object(rng, ckpt.rng_state())
+    if run.main:
+        path = ckpt.save_checkpoint({
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "iteration": iteration, "rng": rng, "config": config_to_dict(run.cfg),
+        }, run.cfg.run_dir, iteration, keep=run.cfg.train.keep_checkpoints)
+        run.records.write({"iter": iteration, "checkpoint": path, "replicas_identical": identical})
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only set `signal` (honoured at the next step boundary;
+    loader workers ignore them); on exit the previous handlers are restored."""
+
+    def __enter__(self) -> StopRequest:
+        self.signal = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class RunRecords:
+    """Rank 0's log.jsonl (one JSON object per line, appended) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: str, start_iter: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_iter)
+        self.jsonl = open(os.path.join(run_dir, "log.jsonl"), "a")
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def scalars(self, prefix: str, values: dict, iteration: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, iteration)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.writer.close()
