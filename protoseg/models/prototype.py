@@ -221,7 +221,10 @@ class PrototypeClassifier(nn.Module):
     def _momentum_update(self, sums: Tensor, count: Tensor) -> None:
         moved = F.normalize(self.momentum * self.prototypes + (1 - self.momentum) * F.normalize(sums, dim=-1), dim=-1)
         # A non-finite batch (the trainer stops on its loss) must not leave NaN prototypes behind.
-        keep = (count > 0).unsqueeze(-1) & torch.isfinite(moved).all(dim=-1, keepdim=True)
+        # Tested on the sums, not on `moved` (the same rows: finite sums give finite moved rows):
+        # Inductor's CPU outer-loop fusion fails on a finiteness reduction over `moved` feeding this
+        # in-place copy (KeyError 'bufN' in try_outer_loop_fusion_with_local_buf, torch 2.14).
+        keep = (count > 0).unsqueeze(-1) & torch.isfinite(sums).all(dim=-1, keepdim=True)
         self.prototypes.copy_(torch.where(keep, moved, self.prototypes))
 
     def _forward_reference(self, x: Tensor, target: Tensor | None):
