@@ -4,7 +4,8 @@ wall times of `pytest benchmarks/`.
     python benchmarks/cpu_time_table.py 19,150          # N = PROTOSEG_BENCH_N (32768)
     PROTOSEG_BENCH_N=4096 python benchmarks/cpu_time_table.py 847
 
-"pass" is one read and write of a fresh [N, D] tensor (allocation included), "pass_into" the
+"floor" is the strict two-GEMM floor (S = X P^T, then S P), "softmax_floor" the same with the
+softmax between; "pass" is one read and write of a fresh [N, D] tensor (allocation included), "pass_into" the
 same into a tensor that already exists (the difference is what the allocation costs); "classifier" is
 the whole training step of the prototype classifier (its feature LayerNorm and normalisation,
 similarity, PPC and PPD forward and backward, the class LayerNorm, Sinkhorn and the update). The released transcription is
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import D, N  # noqa: E402
+from conftest import D, N, machine  # noqa: E402
 from test_classifier_step import make_problem, step  # noqa: E402
 
 from protoseg import ops  # noqa: E402
@@ -39,6 +40,7 @@ def best_cpu_time(fn, rounds: int = 2) -> float:
 
 def main(ks: list[int]) -> None:
     torch.set_num_threads(1)
+    print(machine(), flush=True)
     for k in ks:
         x, target, fused, reference = make_problem(k)
         p = F.normalize(fused.prototypes, dim=-1)
@@ -48,7 +50,8 @@ def main(ks: list[int]) -> None:
             "pass": lambda: x * 2,  # one read and one write of the [N, D] embeddings
             "pass_into": lambda: torch.mul(x, 2, out=buf),
             "gemm": lambda: x @ flat.t(),
-            "floor": lambda: torch.softmax(x @ flat.t(), dim=1) @ flat,
+            "floor": lambda: (x @ flat.t()) @ flat,
+            "softmax_floor": lambda: torch.softmax(x @ flat.t(), dim=1) @ flat,
             "similarity": lambda: ops.proto_similarity(x, p),
             "classifier": lambda: step(fused, x, target),
         }
