@@ -1,5 +1,5 @@
 """CUDA benchmarks: the protoseg CUDA path against plain cuBLAS GEMMs of the same shapes (the
-floor of DESIGN.md section 3), at N = 1M pixels, D = 720, K*M = 190 and 8470, float32 and
+floor of docs/design.md section 3), at N = 1M pixels, D = 720, K*M = 190 and 8470, float32 and
 bfloat16. Checks every timed op and the training step against the CPU kernels on a slice before
 timing; reports times and ratios measured in one process.
 

@@ -52,7 +52,7 @@ TORCH_LIBRARY(protoseg, m) {
       "sinkhorn(Tensor scores, Tensor labels, int num_classes, int iterations, float epsilon) "
       "-> (Tensor q, Tensor assignment)");
 
-  // The embedding normalisation of DESIGN.md section 1, inference step 2, fused:
+  // The embedding normalisation of docs/design.md section 1, inference step 2, fused:
   //   out = y / max(||y||, 1e-12) with y = LayerNorm_D(x; weight, bias, eps),
   //   stats [N, 3] fp32/fp64 = (mean, rstd, ||y||) per row, kept for the backward.
   m.def("layer_norm_normalize(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor stats)");

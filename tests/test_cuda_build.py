@@ -1,4 +1,4 @@
-"""Checks of the CUDA build that need no GPU (DESIGN.md section 6, issue 3 "Build"):
+"""Checks of the CUDA build that need no GPU (docs/design.md section 5):
 
 - the built protoseg._C carries cubins for every architecture in TORCH_CUDA_ARCH_LIST (default
   sm_75, sm_80, sm_86, sm_90) and PTX for the newest (cuobjdump --list-elf / --list-ptx);

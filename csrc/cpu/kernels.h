@@ -23,7 +23,7 @@
 namespace protoseg {
 namespace cpu {
 
-// How a row of x becomes its unit row x_hat (DESIGN: docs/design.md, the method, step 2):
+// How a row of x becomes its unit row x_hat (docs/design.md section 1, inference step 2):
 // x_hat = y / max(||y||, 1e-12), with y = LayerNorm_D(x; weight, bias, eps) when weight is set,
 // else y = x.
 struct RowNorm {

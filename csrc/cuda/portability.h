@@ -1,6 +1,6 @@
 // The small portability layer that lets the device code in csrc/cuda/*.cuh compile both with
 // nvcc (the shipped kernels) and with the host C++ compiler (the same kernels run by the CPU
-// grid executor in tests/emulated/, see DESIGN.md section 6).
+// grid executor in tests/emulated/, see docs/design.md section 5).
 //
 // Device code uses only what is declared here:
 //   PS_GLOBAL / PS_DEVICE / PS_HD      kernel, device-function and host+device qualifiers

@@ -1,5 +1,5 @@
 """The embedding normalisation of ProtoSeg as one op: LayerNorm over the channels, then each
-row scaled to unit length (DESIGN.md section 1, inference step 2). Fused, it reads and writes
+row scaled to unit length (docs/design.md section 1, inference step 2). Fused, it reads and writes
 the [N, D] embeddings once each way instead of the four passes and four [N, D] temporaries of
 ``F.normalize(F.layer_norm(x))`` and its backward."""
 
