@@ -77,6 +77,57 @@ inline void check_sinkhorn_args(const at::Tensor& scores, const at::Tensor& labe
               "scores must have at least one prototype column (got ", shape_str(scores), ")");
 }
 
+// ---- the steps of sinkhorn (the ops a distributed caller composes) ----
+
+inline void check_segments_args(const at::Tensor& labels, int64_t num_classes) {
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "labels must be an [N] int64 vector (got ",
+              labels.scalar_type(), " ", shape_str(labels), ")");
+  TORCH_CHECK(num_classes >= 1, "num_classes must be >= 1 (got ", num_classes, ")");
+}
+
+// values [n, M] floating, perm [n_valid] and offsets [S + 1] int64 on the device of values.
+inline void check_segment_reduce_args(const at::Tensor& values, const at::Tensor& perm, const at::Tensor& offsets) {
+  TORCH_CHECK(values.dim() == 2, "values must be [N, M] (got ", shape_str(values), ")");
+  check_floating(values, "values");
+  TORCH_CHECK(perm.dim() == 1 && perm.scalar_type() == at::kLong, "perm must be an int64 vector (got ",
+              perm.scalar_type(), " ", shape_str(perm), ")");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 1 && offsets.scalar_type() == at::kLong,
+              "offsets must be an [S + 1] int64 vector (got ", offsets.scalar_type(), " ", shape_str(offsets), ")");
+  TORCH_CHECK(perm.numel() <= values.size(0), "perm must not be longer than values has rows (got ",
+              perm.numel(), " > ", values.size(0), ")");
+  check_same_device(perm, values, "perm", "values");
+  check_same_device(offsets, values, "offsets", "values");
+}
+
+// A float64 [K] (dim 1) or [K, M] (dim 2) marginal on the device of `ref`.
+inline void check_marginal(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& ref,
+                           const char* ref_name) {
+  TORCH_CHECK(t.dim() == dim && t.scalar_type() == at::kDouble && t.size(0) >= 1, name, " must be a float64 ",
+              dim == 1 ? "[K]" : "[K, M]", " tensor (got ", t.scalar_type(), " ", shape_str(t), ")");
+  if (dim == 2)
+    TORCH_CHECK(t.size(1) == ref.size(1), name, " must have ", ref_name, ".size(1) = ", ref.size(1),
+                " columns (got ", shape_str(t), ")");
+  check_same_device(t, ref, name, ref_name);
+}
+
+inline void check_sinkhorn_exp_args(const at::Tensor& scores, const at::Tensor& labels, const at::Tensor& class_max,
+                                    double epsilon) {
+  TORCH_CHECK(scores.dim() == 2, "scores must be [N, M] (got ", shape_str(scores), ")");
+  check_floating(scores, "scores");
+  check_index_vector(labels, "labels", scores.size(0), scores, "scores");
+  check_marginal(class_max, "class_max", 1, scores, "scores");
+  check_positive(epsilon, "epsilon");
+}
+
+// plan [N, M] float64 (the transport plan in pixel order), labels [N], one marginal.
+inline void check_plan_args(const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& marginal,
+                            const char* name, int64_t dim) {
+  TORCH_CHECK(plan.dim() == 2 && plan.scalar_type() == at::kDouble, "plan must be a float64 [N, M] tensor (got ",
+              plan.scalar_type(), " ", shape_str(plan), ")");
+  check_index_vector(labels, "labels", plan.size(0), plan, "plan");
+  check_marginal(marginal, name, dim, plan, "plan");
+}
+
 // Host-side range check of an int64 vector: every entry is in [0, upper), or (when
 // allow_negative) negative, or equal to `ignore`. Raises naming the first offending entry.
 inline void check_range_host(const int64_t* v, int64_t n, int64_t upper, const char* name, const char* upper_name,

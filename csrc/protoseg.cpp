@@ -52,6 +52,24 @@ TORCH_LIBRARY(protoseg, m) {
       "sinkhorn(Tensor scores, Tensor labels, int num_classes, int iterations, float epsilon) "
       "-> (Tensor q, Tensor assignment)");
 
+  // The steps of `sinkhorn`, split at its reductions, for a caller that all-reduces the [K] and
+  // [K, M] marginals between them (protoseg/models/prototype.py global_sinkhorn). In one process
+  //   perm, offsets = sinkhorn_segments(labels, K)          pixels grouped by class, in pixel order
+  //   class_max = segment_reduce(scores, perm, offsets, is_max=True, all_columns=True)     [K]
+  //   plan = sinkhorn_exp(scores, labels, class_max, epsilon)   [N, M] float64, 0 where ignored
+  //   plan = sinkhorn_scale(plan, labels, segment_reduce(plan, ..., False, True))        / [K]
+  //   iterations x: plan = sinkhorn_step(plan, labels, segment_reduce(plan, ..., False, False), count)
+  //   q, assignment = sinkhorn_finish(plan, labels, count)     count = float64 pixels per class
+  // gives bitwise sinkhorn's result on the CPU. sinkhorn_segments checks the labels' range; the
+  // later steps skip labels outside [0, K) and (on CUDA, with no host synchronisation) keep reads
+  // through perm and offsets in bounds, which the CPU also checks.
+  m.def("sinkhorn_segments(Tensor labels, int num_classes) -> (Tensor perm, Tensor offsets)");
+  m.def("segment_reduce(Tensor values, Tensor perm, Tensor offsets, bool is_max, bool all_columns) -> Tensor");
+  m.def("sinkhorn_exp(Tensor scores, Tensor labels, Tensor class_max, float epsilon) -> Tensor plan");
+  m.def("sinkhorn_scale(Tensor plan, Tensor labels, Tensor class_total) -> Tensor");
+  m.def("sinkhorn_step(Tensor plan, Tensor labels, Tensor rows, Tensor count) -> Tensor");
+  m.def("sinkhorn_finish(Tensor plan, Tensor labels, Tensor count) -> (Tensor q, Tensor assignment)");
+
   // The embedding normalisation of docs/design.md section 1, inference step 2, fused:
   //   out = y / max(||y||, 1e-12) with y = LayerNorm_D(x; weight, bias, eps),
   //   stats [N, 3] fp32/fp64 = (mean, rstd, ||y||) per row, kept for the backward.

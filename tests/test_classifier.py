@@ -157,20 +157,62 @@ def _worker(rank, world, init_file, x, target, result_dir, sinkhorn_scope, updat
     torch.manual_seed(0)
     model = PrototypeClassifier(
         16, 5, 4, momentum=0.9, sinkhorn_scope=sinkhorn_scope, update_scope=update_scope
-    ).double().train()
+    ).to(x.dtype).train()
     half = x.shape[0] // world
     sl = slice(rank * half, (rank + 1) * half)
     for _ in range(2):
         model(x[sl], target[sl])
-    own = torch.randn(x.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    q, assignment = global_sinkhorn(own[sl], target[sl].where(target[sl] != 255, -1), 5, 3, 0.05)
-    torch.save({"prototypes": model.prototypes, "q": q, "assignment": assignment}, f"{result_dir}/rank{rank}.pt")
+    own = torch.randn(x.shape[0], 4, dtype=x.dtype, generator=torch.Generator().manual_seed(3))[sl]
+    labels = target[sl].where(target[sl] != 255, -1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        q, assignment = global_sinkhorn(own, labels, 5, 3, 0.05)
+    events = [(e.name, _tensor_shapes(e.input_shapes), _inside_protoseg_op(e)) for e in prof.events()]
+    torch.save({"prototypes": model.prototypes, "q": q, "assignment": assignment, "events": events},
+               f"{result_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("scope", ["global", "local"])
-def test_two_process_prototypes_identical_and_equal_to_single_process(scope):
+def _tensor_shapes(input_shapes):
+    """The shapes of an event's tensor inputs (tensor lists flattened)."""
+    out = []
+    for shape in input_shapes:
+        if shape and isinstance(shape[0], list):
+            out.extend(s for s in shape if s)
+        elif shape:
+            out.append(list(shape))
+    return out
+
+
+def _inside_protoseg_op(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("protoseg::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _assert_sinkhorn_runs_in_protoseg_ops(events, n, k, m):
+    """Every pixel-sized tensor is touched inside protoseg ops only; what runs between them are
+    all-reduces of [K] and [K, M] tensors and bookkeeping on the [K + 1] offsets."""
+    names = {name for name, _, _ in events}
+    for op in ("sinkhorn_segments", "segment_reduce", "sinkhorn_exp", "sinkhorn_scale", "sinkhorn_step",
+               "sinkhorn_finish"):
+        assert f"protoseg::{op}" in names, f"{op} did not run: {sorted(names)}"
+    reduces = [shapes for name, shapes, _ in events if "allreduce" in name]
+    assert len(reduces) == 3 + 3, f"expected 6 all-reduces (max, count, total, 3 x rows): {sorted(names)}"
+    assert all(shape in ([k], [k, m]) for shapes in reduces for shape in shapes), reduces
+    assert n > k * m + 1  # a pixel-sized tensor is larger than any marginal
+    outside = [(name, shapes) for name, shapes, inside in events if not inside and not name.startswith("protoseg::")]
+    big = [(name, shapes) for name, shapes in outside if any(torch.Size(s).numel() > k * m + 1 for s in shapes)]
+    assert not big, f"pixel-sized work outside protoseg ops: {big}"
+
+
+@pytest.mark.parametrize("scope, dtype", [("global", torch.float64), ("local", torch.float64),
+                                          ("global", torch.float32)])
+def test_two_process_prototypes_identical_and_equal_to_single_process(scope, dtype):
     _, x, target = make(n=800)
+    x = x.to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(
             _worker, args=(2, os.path.join(tmp, "init"), x, target, tmp, scope, scope), nprocs=2, join=True
@@ -179,12 +221,15 @@ def test_two_process_prototypes_identical_and_equal_to_single_process(scope):
     assert torch.equal(r0["prototypes"], r1["prototypes"]), "ranks disagree on the prototypes"
     if scope == "local":
         return  # the released behaviour: equal across ranks, but not the single-process result
+    for r in (r0, r1):
+        _assert_sinkhorn_runs_in_protoseg_ops(r["events"], 400, 5, 4)
     torch.manual_seed(0)
-    single = PrototypeClassifier(16, 5, 4, momentum=0.9).double().train()
+    single = PrototypeClassifier(16, 5, 4, momentum=0.9).to(dtype).train()
     for _ in range(2):
         single(x, target)
-    torch.testing.assert_close(r0["prototypes"], single.prototypes)
-    own = torch.randn(x.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(r0["prototypes"], single.prototypes, rtol=tol, atol=tol)
+    own = torch.randn(x.shape[0], 4, dtype=dtype, generator=torch.Generator().manual_seed(3))
     q, assignment = ops.sinkhorn(own, target.where(target != 255, -1), 5, 3, 0.05)
-    torch.testing.assert_close(torch.cat([r0["q"], r1["q"]]), q)
+    torch.testing.assert_close(torch.cat([r0["q"], r1["q"]]), q, rtol=1e-6, atol=1e-7)
     assert torch.equal(torch.cat([r0["assignment"], r1["assignment"]]), assignment)

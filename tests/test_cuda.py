@@ -113,6 +113,22 @@ def test_sinkhorn_parity_and_determinism(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 5000, 1 << 20])
+def test_sinkhorn_steps_parity(dtype, n):
+    """The distributed caller's steps composed on the GPU: bitwise the GPU's single-call sinkhorn
+    (same kernels, same reduction order), and the CPU's result to rounding."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(n, 10, generator=g).to(dtype)
+    labels = torch.randint(-1, 19, (n,), generator=g)
+    q, a = ops.sinkhorn_reduced(scores.cuda(), labels.cuda(), 19, 3, 0.05)
+    q1, a1 = ops.sinkhorn(scores.cuda(), labels.cuda(), 19, 3, 0.05)
+    assert torch.equal(q, q1) and torch.equal(a, a1)
+    cq, ca = ops.sinkhorn(scores, labels, 19, 3, 0.05)
+    torch.testing.assert_close(q.cpu(), cq, rtol=1e-6, atol=1e-7)
+    assert torch.equal(a.cpu(), ca)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 3000, 1 << 20])
 def test_scatter_mean_parity_and_determinism(dtype, n):
     d, s = 64, 190
@@ -185,6 +201,10 @@ def test_bad_input_raises_on_device():
         ops.proto_train(x.cuda(), p.cuda(), labels.cuda(), 0.1)
     with pytest.raises(RuntimeError, match="same device"):
         ops.proto_similarity(x.cuda(), p)
+    # x on the CPU, the prototypes on the GPU: dispatch picks the CUDA kernel, whose checks run
+    # before it takes the device (csrc/cuda/cuda_exec.cuh), so the argument is named.
+    with pytest.raises(RuntimeError, match=r"prototypes must be on the same device as x \(got cuda:0 and cpu\)"):
+        ops.proto_similarity(x, p.cuda())
     # the device is still usable afterwards (no sticky error)
     ops.proto_similarity(x.cuda(), p.cuda())
     torch.cuda.synchronize()

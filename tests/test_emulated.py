@@ -284,6 +284,65 @@ def test_sinkhorn_column_groups(emu, m):
     assert torch.equal(a, ra)
 
 
+def _composed_sinkhorn(P, scores, labels, k, iterations, epsilon):
+    """sinkhorn from its step ops in namespace P, no reduction between them (as
+    protoseg.ops.sinkhorn_reduced with no all_reduce)."""
+    perm, offsets = P.sinkhorn_segments(labels, k)
+    count = (offsets[1:] - offsets[:-1]).double()
+    plan = P.sinkhorn_exp(scores, labels, P.segment_reduce(scores, perm, offsets, True, True), epsilon)
+    plan = P.sinkhorn_scale(plan, labels, P.segment_reduce(plan, perm, offsets, False, True))
+    for _ in range(iterations):
+        plan = P.sinkhorn_step(plan, labels, P.segment_reduce(plan, perm, offsets, False, False), count)
+    return P.sinkhorn_finish(plan, labels, count)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_steps(emu, dtype):
+    """The distributed caller's step ops on the executor: composed, bitwise the kernel's
+    single-call sinkhorn (the same kernels and reduction order); each step against the CPU op on
+    the same input (per-pixel steps bitwise, sums to rounding: the block reduction adds in
+    another order)."""
+    n, m, k = 600, 5, 7  # class 5 empty, class 6 one pixel, several blocks
+    g = torch.Generator().manual_seed(14)
+    scores = torch.rand(n, m, generator=g).to(dtype)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    labels[::7] = -1
+    labels[10] = 6
+    q, a = _composed_sinkhorn(emu, scores, labels, k, 3, 0.05)
+    q1, a1 = emu.sinkhorn(scores, labels, k, 3, 0.05)
+    assert torch.equal(q, q1) and torch.equal(a, a1)
+
+    P = torch.ops.protoseg
+    perm, offsets = emu.sinkhorn_segments(labels, k)
+    cperm, coffsets = P.sinkhorn_segments(labels, k)
+    assert torch.equal(perm, cperm) and torch.equal(offsets, coffsets)
+    class_max = emu.segment_reduce(scores, perm, offsets, True, True)
+    assert torch.equal(class_max, P.segment_reduce(scores, perm, offsets, True, True))
+    plan = emu.sinkhorn_exp(scores, labels, class_max, 0.05)
+    assert torch.equal(plan, P.sinkhorn_exp(scores, labels, class_max, 0.05))
+    for all_columns in (True, False):
+        torch.testing.assert_close(emu.segment_reduce(plan, perm, offsets, False, all_columns),
+                                   P.segment_reduce(plan, perm, offsets, False, all_columns), rtol=1e-14, atol=0)
+    total = P.segment_reduce(plan, perm, offsets, False, True)
+    assert torch.equal(emu.sinkhorn_scale(plan, labels, total), P.sinkhorn_scale(plan, labels, total))
+    rows, count = P.segment_reduce(plan, perm, offsets, False, False), (coffsets[1:] - coffsets[:-1]).double()
+    assert torch.equal(emu.sinkhorn_step(plan, labels, rows, count), P.sinkhorn_step(plan, labels, rows, count))
+    eq, ea = emu.sinkhorn_finish(plan, labels, count)
+    cq, ca = P.sinkhorn_finish(plan, labels, count)
+    assert torch.equal(eq, cq) and torch.equal(ea, ca)
+
+
+def test_segment_reduce_stays_in_bounds_on_bad_perm_and_offsets(emu):
+    """On CUDA these are not checked on the host (no synchronisation in the loop): reads through a
+    bad perm or offsets are skipped or clamped, never out of bounds."""
+    values = torch.rand(10, 2, dtype=torch.float64)
+    perm = torch.tensor([0, 1, 99, -5, 4])
+    offsets = torch.tensor([0, 2, 4, 1000])
+    out = emu.segment_reduce(values, perm, offsets, False, False)
+    torch.testing.assert_close(out, torch.stack([values[:2].sum(0), torch.zeros(2, dtype=torch.float64),
+                                                 values[4]]), rtol=1e-15, atol=0)
+
+
 # ---- scatter_mean -------------------------------------------------------------------------------
 
 
@@ -400,6 +459,58 @@ def test_out_of_range_raises(emu):
         emu.scatter_mean(x, seg, 4)
     with pytest.raises(RuntimeError, match="prototypes must be"):
         emu.proto_similarity(x, torch.randn(3, 2, 9))
+
+
+def _device_cases():
+    """Every executor-driven op with its arguments; the first tensor is the one whose device the
+    CUDA entry point (csrc/cuda/<op>.cu) hands to its executor, whose guard used to come first."""
+    x, p = _inputs(40, 8, 3, 2, torch.float32, seed=13)
+    labels = torch.randint(-1, 3, (40,))
+    scores, index = ref.proto_similarity(x, p)
+    weighted, stats = torch.zeros(40, 8), torch.zeros(40, 2)
+    return {
+        "proto_similarity": (x, p),
+        "proto_similarity_backward": (x, torch.ones(40, 3), p, index),
+        "proto_train": (x, p, labels, 0.1),
+        "proto_train_backward": (x, torch.ones(40, 3), None, None, p, labels, index, weighted, 0.1, None, None,
+                                 stats),
+        "proto_contrast_loss": (x, p, labels, 0.1, -1),
+        "proto_contrast_loss_backward": (x, torch.ones(()), torch.ones(()), p, labels, 0.1, -1),
+        "sinkhorn": (torch.rand(40, 2), labels, 3, 3, 0.05),
+        "scatter_mean": (x, labels, 3),
+        "scatter_mean_backward": (torch.ones(3, 8), labels, torch.ones(3, dtype=torch.int64)),
+    }
+
+
+def _call(emu, name, args):
+    """The op with `args`; backward ops list their guarding tensor first, then the schema's order."""
+    if name == "proto_similarity_backward":
+        x, g, p, index = args
+        return emu.proto_similarity_backward(g, x, p, index)
+    if name == "proto_train_backward":
+        x, gs, go, gl, *rest = args
+        return emu.proto_train_backward(gs, go, gl, x, *rest)
+    if name == "proto_contrast_loss_backward":
+        x, gc, gd, *rest = args
+        return emu.proto_contrast_loss_backward(gc, gd, x, *rest)
+    return getattr(emu, name)(*args)
+
+
+@pytest.mark.parametrize("name", list(_device_cases()))
+def test_mixed_devices_name_the_argument(emu, name):
+    """The device checks run before the launch sequence touches the device (as CUDAGuard would):
+    with the guarding tensor on another device than the rest, the error names an argument and
+    the devices. Control: with every tensor on that device the checks pass and touching it fails
+    (meta tensors have no data), so an op that touched the device before checking would fail
+    the first assertion with that other message."""
+    args = _device_cases()[name]
+    moved = (args[0].to("meta"),) + args[1:]
+    with pytest.raises(RuntimeError, match=r"must be on the same device as .*\(got (meta and cpu|cpu and meta)\)"):
+        _call(emu, name, moved)
+    everything = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(RuntimeError) as failure:
+        _call(emu, name, everything)
+    assert "same device" not in str(failure.value)
 
 
 # ---- coverage ---------------------------------------------------------------------------------------

@@ -317,6 +317,65 @@ def test_sinkhorn_takes_no_gradient():
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_sinkhorn_steps_compose_to_sinkhorn_bitwise(case, dtype, iterations):
+    """The steps of sinkhorn (the ops the distributed caller composes), with no reduction between
+    them, are sinkhorn to the bit: same per-element expressions, same summation order."""
+    s = make_sample(case, dtype)
+    q, assignment = ops.sinkhorn(s.scores, s.labels, case.k, iterations, 0.05)
+    q2, assignment2 = ops.sinkhorn_reduced(s.scores, s.labels, case.k, iterations, 0.05)
+    assert torch.equal(q, q2) and torch.equal(assignment, assignment2)
+
+
+def test_sinkhorn_reduced_passes_every_marginal_through_the_reduction():
+    """The hook sees exactly the [K] maxima, [K] counts, [K] totals and one [K, M] row sum per
+    iteration; doubling the sums of a fake second rank that holds the same pixels leaves the plan
+    of a duplicated batch (every class twice its pixels): the oracle is sinkhorn on the batch
+    concatenated with itself."""
+    s = make_sample(CASE["odd"], torch.float64)
+    k, m = CASE["odd"].k, CASE["odd"].m
+    seen = []
+
+    def twice(t, op):
+        seen.append((op, tuple(t.shape)))
+        if op == "sum":
+            t.mul_(2)
+
+    q, assignment = ops.sinkhorn_reduced(s.scores, s.labels, k, 3, 0.05, twice)
+    assert seen == [("max", (k,)), ("sum", (k,)), ("sum", (k,))] + [("sum", (k, m))] * 3
+    both, _ = ops.sinkhorn(torch.cat([s.scores, s.scores]), torch.cat([s.labels, s.labels]), k, 3, 0.05)
+    torch.testing.assert_close(q, both[: s.scores.shape[0]], rtol=1e-12, atol=1e-12)
+    assert torch.equal(assignment, ops.sinkhorn(s.scores, s.labels, k, 3, 0.05)[1])
+
+
+def test_segment_reduce_against_a_loop():
+    """Grouping by class in pixel order, and sums taken sequentially in that order (rows, then
+    columns): equal to a Python loop to the bit."""
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    labels = torch.randint(-1, 4, (30,), generator=gen)
+    labels[labels == 2] = 0  # class 2 empty
+    perm, offsets = torch.ops.protoseg.sinkhorn_segments(labels, 4)
+    members = [[i for i in range(30) if labels[i] == c] for c in range(4)]
+    assert perm.tolist() == sum(members, [])
+    assert offsets.tolist() == [0, *torch.tensor([len(m) for m in members]).cumsum(0).tolist()]
+    R = torch.ops.protoseg.segment_reduce
+    v = values.tolist()
+    for c, rows in enumerate(members):
+        total, columns = 0.0, [0.0] * 3
+        for i in rows:
+            for j in range(3):
+                total += v[i][j]
+                columns[j] += v[i][j]
+        assert R(values, perm, offsets, False, True)[c].item() == total
+        assert R(values, perm, offsets, False, False)[c].tolist() == columns
+        top = [max((v[i][j] for i in rows), default=float("-inf")) for j in range(3)]
+        assert R(values, perm, offsets, True, False)[c].tolist() == top
+        assert R(values, perm, offsets, True, True)[c].item() == max(top)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scatter_mean(case, dtype):
     s = make_sample(case, dtype)
     num_segments = case.k * case.m
@@ -566,6 +625,11 @@ def _opcheck_calls(s: Sample):
     w, b = _layer_norm_affine(x.shape[1], x.dtype)
     _, stats = P.layer_norm_normalize(x, w, b, 1e-5)
     tp_ln = ops.proto_train(x, s.prototypes, s.labels, tau, w, b)
+    perm, offsets = P.sinkhorn_segments(s.labels, k)
+    class_max = P.segment_reduce(s.scores, perm, offsets, True, True)
+    counts = (offsets[1:] - offsets[:-1]).double()
+    plan = P.sinkhorn_exp(s.scores, s.labels, class_max, 0.05)
+    rows = P.segment_reduce(plan, perm, offsets, False, False)
     return [
         (P.layer_norm_normalize.default, (xg, w.requires_grad_(True), b, 1e-5)),
         (P.layer_norm_normalize_backward.default, (randn_like(x), x, w.detach(), b, stats)),
@@ -574,6 +638,13 @@ def _opcheck_calls(s: Sample):
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau)),
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau, w.requires_grad_(True), b, 1e-5)),
         (P.sinkhorn.default, (s.scores, s.labels, k, 3, 0.05)),
+        (P.sinkhorn_segments.default, (s.labels, k)),
+        (P.segment_reduce.default, (s.scores, perm, offsets, True, True)),
+        (P.segment_reduce.default, (plan, perm, offsets, False, False)),
+        (P.sinkhorn_exp.default, (s.scores, s.labels, class_max, 0.05)),
+        (P.sinkhorn_scale.default, (plan, s.labels, counts + 1)),
+        (P.sinkhorn_step.default, (plan, s.labels, rows, counts)),
+        (P.sinkhorn_finish.default, (plan, s.labels, counts)),
         (P.scatter_mean.default, (xg, index, k * m)),
         (P.proto_similarity_backward.default, (randn_like(scores), x, s.prototypes, sim_index)),
         (P.proto_contrast_loss_backward.default, (grad_scalar, 2 * grad_scalar, x, s.prototypes, s.target,
@@ -645,6 +716,9 @@ def _bad_calls():
     )
     bad_long = torch.tensor([0, 1, 2, 3, 0, 1])  # 3 == K
     ln, w, b = ops.layer_norm_normalize, torch.ones(4), torch.zeros(4)
+    P = torch.ops.protoseg
+    perm, offsets = P.sinkhorn_segments(lab, 3)
+    plan, ones_k = torch.rand(6, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     return {
         "layer_norm x rank": (lambda: ln(x[0], w, b), r"x must be \[N, D\]"),
         "layer_norm integer x": (lambda: ln(x.long(), w.long(), b.long()), "x must be float16"),
@@ -681,6 +755,20 @@ def _bad_calls():
         "sinkhorn epsilon < 0": (lambda: sk(sc, lab, 3, 3, -0.05), "epsilon"),
         "sinkhorn iterations < 0": (lambda: sk(sc, lab, 3, -1), "iterations"),
         "sinkhorn num_classes 0": (lambda: sk(sc, lab, 0), "num_classes"),
+        "segments labels high": (lambda: P.sinkhorn_segments(bad_long, 3), r"labels\[3\] = 3"),
+        "segments labels int32": (lambda: P.sinkhorn_segments(lab.int(), 3), "labels must be an \\[N\\] int64"),
+        "segments num_classes 0": (lambda: P.sinkhorn_segments(lab, 0), "num_classes"),
+        "reduce values rank": (lambda: P.segment_reduce(sc[:, 0], perm, offsets, True, True), "values must be"),
+        "reduce perm high": (lambda: P.segment_reduce(sc, perm + 6, offsets, True, True), r"perm\[0\] = 6"),
+        "reduce offsets end": (lambda: P.segment_reduce(sc, perm, offsets.clamp(max=2), True, True),
+                               "offsets must run from 0 to perm.numel"),
+        "reduce offsets int32": (lambda: P.segment_reduce(sc, perm, offsets.int(), True, True), "offsets must be"),
+        "exp class_max float32": (lambda: P.sinkhorn_exp(sc, lab, torch.zeros(3), 0.05), "class_max must be a float64"),
+        "exp epsilon 0": (lambda: P.sinkhorn_exp(sc, lab, torch.zeros(3, dtype=torch.float64), 0.0), "epsilon"),
+        "scale plan float32": (lambda: P.sinkhorn_scale(sc, lab, ones_k), "plan must be a float64"),
+        "step rows columns": (lambda: P.sinkhorn_step(plan, lab, ones_k[:, None], ones_k), "rows must have plan"),
+        "step count length": (lambda: P.sinkhorn_step(plan, lab, plan[:3], ones_k[:2]), "count must be"),
+        "finish labels length": (lambda: P.sinkhorn_finish(plan, lab[1:], ones_k), r"labels must be \[N\]"),
         "scatter x rank": (lambda: sm(x[0], lab, 3), r"x must be \[N, D\]"),
         "scatter integer x": (lambda: sm(x.long(), lab, 3), "x must be float16"),
         "scatter index high": (lambda: sm(x, bad_long, 3), r"index\[3\] = 3"),

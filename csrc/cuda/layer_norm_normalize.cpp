@@ -1,7 +1,8 @@
 // layer_norm_normalize on CUDA: the ATen composite of csrc/layer_norm_normalize.h (LayerNorm, a
 // row norm, elementwise passes). Correct and deterministic (no atomics in these reductions), not
 // yet the single fused pass the CPU kernel is. Host code only, so a .cpp: nvcc has nothing to do.
-#include <c10/cuda/CUDAGuard.h>
+// No device guard: every ATen op guards its own device, and the composite checks the arguments'
+// devices first.
 #include <torch/library.h>
 
 #include "layer_norm_normalize.h"
@@ -11,7 +12,6 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_normalize_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& bias, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
   return composite::layer_norm_normalize(x, weight, bias, eps);
 }
 
@@ -20,7 +20,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_backward_cud
                                                                                   const at::Tensor& weight,
                                                                                   const at::Tensor& bias,
                                                                                   const at::Tensor& stats) {
-  const c10::cuda::CUDAGuard guard(x.device());
   return composite::layer_norm_normalize_backward(grad_out, x, weight, bias, stats);
 }
 

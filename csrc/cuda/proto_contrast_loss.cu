@@ -8,7 +8,6 @@ PROTOSEG_INSTANTIATE_CONTRAST_KERNELS()
 
 // Host side: hidden from the per-architecture device passes (see kernels.cuh).
 #ifndef __CUDA_ARCH__
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_exec.cuh"
@@ -19,16 +18,14 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> proto_contrast_loss_cuda(const at::Tensor& x, const at::Tensor& prototypes,
                                                             const at::Tensor& target, double temperature,
                                                             int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_contrast_loss(ex, x, prototypes, target, temperature, ignore_index);
 }
 
 at::Tensor proto_contrast_loss_backward_cuda(const at::Tensor& grad_ppc, const at::Tensor& grad_ppd,
                                              const at::Tensor& x, const at::Tensor& prototypes,
                                              const at::Tensor& target, double temperature, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_contrast_loss_backward(ex, grad_ppc, grad_ppd, x, prototypes, target, temperature,
                                             ignore_index);
 }

@@ -8,7 +8,6 @@ PROTOSEG_INSTANTIATE_PASS_KERNELS()
 
 // Host side: hidden from the per-architecture device passes (see kernels.cuh).
 #ifndef __CUDA_ARCH__
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_exec.cuh"
@@ -17,15 +16,13 @@ namespace protoseg {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> proto_similarity_cuda(const at::Tensor& x, const at::Tensor& prototypes) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_similarity(ex, x, prototypes);
 }
 
 at::Tensor proto_similarity_backward_cuda(const at::Tensor& grad_scores, const at::Tensor& x,
                                           const at::Tensor& prototypes, const at::Tensor& index) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_similarity_backward(ex, grad_scores, x, prototypes, index);
 }
 

@@ -9,7 +9,6 @@ PROTOSEG_INSTANTIATE_PASS_KERNELS()
 
 // Host side: hidden from the per-architecture device passes (see kernels.cuh).
 #ifndef __CUDA_ARCH__
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_exec.cuh"
@@ -20,8 +19,7 @@ namespace {
 cuda::TrainOutputs proto_train_cuda(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& labels,
                                     double temperature, const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_train(ex, x, prototypes, labels, temperature, weight, bias, eps);
 }
 
@@ -30,8 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_train_backward_cuda(
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& x, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& index, const at::Tensor& weighted, double temperature,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& stats) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::proto_train_backward(ex, grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted,
                                     temperature, weight, bias, stats);
 }

@@ -7,7 +7,6 @@ PROTOSEG_INSTANTIATE_SCATTER_KERNELS()
 
 // Host side: hidden from the per-architecture device passes (see kernels.cuh).
 #ifndef __CUDA_ARCH__
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_exec.cuh"
@@ -17,14 +16,12 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> scatter_mean_cuda(const at::Tensor& x, const at::Tensor& index,
                                                      int64_t num_segments) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(x.device());
   return cuda::scatter_mean(ex, x, index, num_segments);
 }
 
 at::Tensor scatter_mean_backward_cuda(const at::Tensor& grad_mean, const at::Tensor& index, const at::Tensor& count) {
-  const c10::cuda::CUDAGuard guard(grad_mean.device());
-  cuda::CudaExec ex(c10::cuda::getCurrentCUDAStream());
+  cuda::CudaExec ex(grad_mean.device());
   return cuda::scatter_mean_backward(ex, grad_mean, index, count);
 }
 

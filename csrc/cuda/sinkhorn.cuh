@@ -16,7 +16,9 @@ namespace cuda {
 // Per segment s (one block per segment, grid-stride), reduce rows [offsets[s], offsets[s+1])
 // of in[.., M]: column-wise into out[s, M] (all_columns false) or over everything into out[s]
 // (all_columns true). Sum or max. Rows are read through perm (value(i, j) =
-// in[perm[i] * M + j]) when perm is set, else directly (in[i * M + j]).
+// in[perm[i] * M + j]) when perm is set, else directly (in[i * M + j]). Offsets are clamped to
+// [0, n] and rows outside [0, rows) skipped, so a bad perm or offsets (segment_reduce takes them
+// from the caller, unchecked on the device) never reads out of bounds.
 // Thread layout: for a group of `cols` <= blockDim columns, thread t reduces column t % cols
 // over rows (t / cols), (t / cols) + P, ... with P = blockDim / cols row lanes, so consecutive
 // threads read consecutive addresses; the P partials of a column are then combined in lane
@@ -26,6 +28,8 @@ struct SegmentReduceParams {
   const in_t* in;
   const int64_t* perm;     // [n] or null
   const int64_t* offsets;  // [S + 1]
+  int64_t n;               // entries of perm (rows of in when perm is null)
+  int64_t rows;            // rows of in
   int64_t num_segments, m;
   bool is_max, all_columns;
   double* out;  // [S, M] or [S]
@@ -41,7 +45,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kSegmentReduceThreads) segment_reduce_kernel(Seg
   const int t = threadIdx.x;
   const double init = p.is_max ? -ps::infinity<double>() : 0.0;
   for (int64_t s = blockIdx.x; s < p.num_segments; s += gridDim.x) {
-    const int64_t begin = p.offsets[s], end = p.offsets[s + 1];
+    const int64_t begin = ps::min<int64_t>(ps::max<int64_t>(p.offsets[s], 0), p.n);
+    const int64_t end = ps::min<int64_t>(ps::max<int64_t>(p.offsets[s + 1], begin), p.n);
     double total = init;
     for (int64_t j0 = 0; j0 < p.m; j0 += kThreads) {
       const int64_t cols = ps::min<int64_t>(p.m - j0, kThreads);
@@ -51,6 +56,7 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kSegmentReduceThreads) segment_reduce_kernel(Seg
       if (lane < lanes) {
         for (int64_t i = begin + lane; i < end; i += lanes) {
           const int64_t row = p.perm != nullptr ? p.perm[i] : i;
+          if (row < 0 || row >= p.rows) continue;
           const double v = static_cast<double>(p.in[row * p.m + j]);
           acc = p.is_max ? ps::max(acc, v) : acc + v;
         }
@@ -79,12 +85,19 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kSegmentReduceThreads) segment_reduce_kernel(Seg
   }
 }
 
-// Per sorted position i: L[i, :] = exp((scores[perm[i], :] - class_max[k]) / epsilon).
+// The per-pixel kernels run on the plan L [n, M] in sorted order (sinkhorn: keys = sorted class
+// ids, perm = sorted position -> pixel) or in pixel order (the distributed steps: keys = labels,
+// perm null). Rows whose key is outside [0, K) are skipped.
+PS_HD bool sinkhorn_row_valid(int64_t k, int64_t num_classes) {
+  return k >= 0 && k < num_classes;
+}
+
+// Per position i: L[i, :] = exp((scores[perm[i], :] - class_max[k]) / epsilon).
 template <class scalar_t>
 struct SinkhornInitParams {
   const scalar_t* scores;  // [N, M] contiguous, pixel order
-  const int64_t* perm;     // [n] sorted position -> pixel
-  const int64_t* keys;     // [n] sorted class ids, K for ignored
+  const int64_t* perm;     // [n] position -> pixel, or null (pixel order)
+  const int64_t* keys;     // [n] class ids
   int64_t n, m, num_classes;
   const double* class_max;  // [K]
   double epsilon;
@@ -100,13 +113,14 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kSinkhornThreads) sinkhorn_init_kernel(SinkhornI
        e += int64_t(gridDim.x) * kSinkhornThreads) {
     const int64_t i = e / p.m, j = e % p.m;
     const int64_t k = p.keys[i];
-    if (k >= p.num_classes) continue;
+    if (!sinkhorn_row_valid(k, p.num_classes)) continue;
+    const int64_t pixel = p.perm != nullptr ? p.perm[i] : i;
     // A division, not a multiplication by 1 / epsilon: as the CPU kernel, bit for bit.
-    p.L[e] = ps::exp((static_cast<double>(p.scores[p.perm[i] * p.m + j]) - p.class_max[k]) / p.epsilon);
+    p.L[e] = ps::exp((static_cast<double>(p.scores[pixel * p.m + j]) - p.class_max[k]) / p.epsilon);
   }
 }
 
-// Per sorted position: L[i, :] /= class_total[k].
+// Per position: L[i, :] /= class_total[k].
 struct SinkhornScaleParams {
   const int64_t* keys;
   int64_t n, m, num_classes;
@@ -119,7 +133,7 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_scale_kernel(SinkhornScalePar
   const int64_t total = p.n * p.m;
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
     const int64_t k = p.keys[e / p.m];
-    if (k < p.num_classes) p.L[e] /= p.class_total[k];
+    if (sinkhorn_row_valid(k, p.num_classes)) p.L[e] /= p.class_total[k];
   }
 }
 
@@ -127,7 +141,7 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_scale_kernel(SinkhornScalePar
 //   L[i, j] = L[i, j] / rows[k, j] / M;  then  L[i, :] = L[i, :] / (sum_j L[i, j]) / n_k.
 struct SinkhornStepParams {
   const int64_t* keys;
-  const int64_t* offsets;  // [K + 1]
+  const double* count;  // [K] n_k, pixels per class
   int64_t n, m, num_classes;
   const double* rows;  // [K, M]
   double* L;
@@ -138,8 +152,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_step_kernel(SinkhornStepParam
   const double dm = static_cast<double>(p.m);
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.n; i += int64_t(gridDim.x) * kThreads) {
     const int64_t k = p.keys[i];
-    if (k >= p.num_classes) continue;
-    const double count = static_cast<double>(p.offsets[k + 1] - p.offsets[k]);
+    if (!sinkhorn_row_valid(k, p.num_classes)) continue;
+    const double count = p.count[k];
     double* li = p.L + i * p.m;
     const double* rk = p.rows + k * p.m;
     double col = 0;
@@ -156,8 +170,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_step_kernel(SinkhornStepParam
 // smallest m). Ignored pixels keep the zeros / -1 the outputs were created with.
 struct SinkhornFinishParams {
   const int64_t* keys;
-  const int64_t* perm;
-  const int64_t* offsets;
+  const int64_t* perm;   // or null (pixel order)
+  const double* count;  // [K]
   int64_t n, m, num_classes;
   const double* L;
   float* q;             // [N, M]
@@ -168,10 +182,10 @@ template <int kThreads>
 PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_finish_kernel(SinkhornFinishParams p) {
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.n; i += int64_t(gridDim.x) * kThreads) {
     const int64_t k = p.keys[i];
-    if (k >= p.num_classes) continue;
-    const double count = static_cast<double>(p.offsets[k + 1] - p.offsets[k]);
+    if (!sinkhorn_row_valid(k, p.num_classes)) continue;
+    const double count = p.count[k];
     const double* li = p.L + i * p.m;
-    const int64_t pixel = p.perm[i];
+    const int64_t pixel = p.perm != nullptr ? p.perm[i] : i;
     float* qi = p.q + pixel * p.m;
     int64_t best = 0;
     double best_v = li[0] * count;

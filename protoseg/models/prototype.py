@@ -27,36 +27,16 @@ def _world_size() -> int:
 
 
 def global_sinkhorn(scores: Tensor, labels: Tensor, num_classes: int, iterations: int, epsilon: float):
-    """ops.sinkhorn over the batch of every rank: the marginals (per-class maximum and total,
-    per-prototype row sums and class pixel counts) are all-reduced, so equipartition holds over
-    the global batch. Same arguments and results as :func:`protoseg.ops.sinkhorn`; a single
-    process calls the op directly."""
+    """ops.sinkhorn over the batch of every rank: its steps run as protoseg ops on each rank and
+    only the marginals ([K] maxima, counts and totals, [K, M] row sums) are all-reduced, so
+    equipartition holds over the global batch. Same arguments and results as
+    :func:`protoseg.ops.sinkhorn`; a single process calls the op directly."""
     if _world_size() == 1:
         return ops.sinkhorn(scores, labels, num_classes, iterations, epsilon)
-    m = scores.shape[1]
-    valid = labels >= 0
-    lab = labels[valid]
-    s = scores[valid].to(torch.float64)
-    k_max = torch.full((num_classes,), float("-inf"), dtype=torch.float64, device=s.device)
-    k_max.scatter_reduce_(0, lab, s.amax(dim=1), reduce="amax")
-    dist.all_reduce(k_max, op=dist.ReduceOp.MAX)
-    n_k = torch.bincount(lab, minlength=num_classes).to(torch.float64)
-    dist.all_reduce(n_k)
-    L = torch.exp((s - k_max[lab, None]) / epsilon)
-    total = torch.zeros(num_classes, dtype=torch.float64, device=s.device).index_add_(0, lab, L.sum(dim=1))
-    dist.all_reduce(total)
-    L = L / total[lab, None]
-    for _ in range(iterations):
-        rows = torch.zeros(num_classes, m, dtype=torch.float64, device=s.device).index_add_(0, lab, L)
-        dist.all_reduce(rows)
-        L = L / rows[lab] / m
-        L = L / L.sum(dim=1, keepdim=True) / n_k[lab, None]
-    L = L * n_k[lab, None]
-    q = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
-    q[valid] = L.to(torch.float32)
-    assignment = torch.full_like(labels, -1)
-    assignment[valid] = L.argmax(dim=1)
-    return q, assignment
+    ops_of = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+    return ops.sinkhorn_reduced(
+        scores, labels, num_classes, iterations, epsilon, lambda t, op: dist.all_reduce(t, op=ops_of[op])
+    )
 
 
 def released_sinkhorn(out: Tensor, iterations: int = 3, epsilon: float = 0.05):

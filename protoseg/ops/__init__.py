@@ -10,7 +10,7 @@ from protoseg import _C  # noqa: F401  (registers the operators)
 from protoseg.ops import _fake  # noqa: F401  (fake kernels; csrc/protoseg.cpp names this module)
 from protoseg.ops import reference
 from protoseg.ops.embedding import layer_norm_normalize
-from protoseg.ops.segments import scatter_mean, sinkhorn
+from protoseg.ops.segments import scatter_mean, sinkhorn, sinkhorn_reduced
 from protoseg.ops.similarity import TrainPass, proto_contrast_loss, proto_similarity, proto_train
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "reference",
     "scatter_mean",
     "sinkhorn",
+    "sinkhorn_reduced",
 ]

@@ -1,6 +1,9 @@
-"""Segmented ops: Sinkhorn-Knopp over all classes at once, and a deterministic scatter mean."""
+"""Segmented ops: Sinkhorn-Knopp over all classes at once (whole, or composed from its steps
+around a reduction of its marginals), and a deterministic scatter mean."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +34,38 @@ def sinkhorn(
     No gradient. Bitwise deterministic whatever the thread count.
     """
     return _ops.sinkhorn(scores, labels, int(num_classes), int(iterations), float(epsilon))
+
+
+def sinkhorn_reduced(
+    scores: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    iterations: int = 3,
+    epsilon: float = 0.05,
+    all_reduce: Callable[[Tensor, str], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sinkhorn` composed from its steps (csrc/protoseg.cpp), with every marginal passed
+    through ``all_reduce(tensor, op)`` (op "max" or "sum", in place) before it is used: the
+    per-class maxima and pixel counts [K], the per-class totals [K] and, each iteration, the
+    per-(class, prototype) row sums [K, M]. With an all-reduce over processes it is Sinkhorn over
+    the batch of every process; with none it is :func:`sinkhorn` (bitwise on the CPU).
+    """
+    k = int(num_classes)
+    reduce = all_reduce or (lambda t, op: None)
+    perm, offsets = _ops.sinkhorn_segments(labels, k)
+    class_max = _ops.segment_reduce(scores, perm, offsets, True, True)
+    count = (offsets[1:] - offsets[:-1]).to(torch.float64)
+    reduce(class_max, "max")
+    reduce(count, "sum")
+    plan = _ops.sinkhorn_exp(scores, labels, class_max, float(epsilon))
+    total = _ops.segment_reduce(plan, perm, offsets, False, True)
+    reduce(total, "sum")
+    plan = _ops.sinkhorn_scale(plan, labels, total)
+    for _ in range(int(iterations)):
+        rows = _ops.segment_reduce(plan, perm, offsets, False, False)
+        reduce(rows, "sum")
+        plan = _ops.sinkhorn_step(plan, labels, rows, count)
+    return _ops.sinkhorn_finish(plan, labels, count)
 
 
 def scatter_mean(x: Tensor, index: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:

@@ -75,6 +75,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     auto ex = exec();
     return pc::sinkhorn(ex, s, labels, k, iters, eps);
   });
+  m.def("sinkhorn_segments", [](const at::Tensor& labels, int64_t k) {
+    auto ex = exec();
+    return pc::sinkhorn_segments(ex, labels, k);
+  });
+  m.def("segment_reduce", [](const at::Tensor& v, const at::Tensor& perm, const at::Tensor& offsets, bool is_max,
+                             bool all_columns) {
+    auto ex = exec();
+    return pc::segment_reduce(ex, v, perm, offsets, is_max, all_columns);
+  });
+  m.def("sinkhorn_exp", [](const at::Tensor& s, const at::Tensor& labels, const at::Tensor& class_max, double eps) {
+    auto ex = exec();
+    return pc::sinkhorn_exp(ex, s, labels, class_max, eps);
+  });
+  m.def("sinkhorn_scale", [](const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& total) {
+    auto ex = exec();
+    return pc::sinkhorn_scale(ex, plan, labels, total);
+  });
+  m.def("sinkhorn_step", [](const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& rows,
+                            const at::Tensor& count) {
+    auto ex = exec();
+    return pc::sinkhorn_step(ex, plan, labels, rows, count);
+  });
+  m.def("sinkhorn_finish", [](const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& count) {
+    auto ex = exec();
+    return pc::sinkhorn_finish(ex, plan, labels, count);
+  });
   m.def("scatter_mean", [](const at::Tensor& x, const at::Tensor& index, int64_t segments) {
     auto ex = exec();
     return pc::scatter_mean(ex, x, index, segments);

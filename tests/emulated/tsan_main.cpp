@@ -24,13 +24,26 @@ int main() {
 
   auto [scores, index] = pc::proto_similarity(ex, x, p);
   auto gx1 = pc::proto_similarity_backward(ex, at::randn({n, k}), x, p, index);
-  auto [s2, i2, own, lse, weighted] = pc::proto_train(ex, x, p, labels, 0.1);
-  auto gx2 = pc::proto_train_backward(ex, at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p, labels, i2,
-                                      weighted, 0.1);
+  auto [s2, i2, own, lse, weighted, x_hat, stats] = pc::proto_train(ex, x, p, labels, 0.1, {}, {}, 1e-5);
+  auto gx2 = std::get<0>(pc::proto_train_backward(ex, at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
+                                                  labels, i2, weighted, 0.1, {}, {}, stats));
+  // With the feature LayerNorm: the ATen composite runs first, then the same pass.
+  const auto weight = at::rand({d}) + 0.5, bias = at::randn({d});
+  auto [s5, i5, own5, lse5, weighted5, x_hat5, stats5] = pc::proto_train(ex, x, p, labels, 0.1, weight, bias, 1e-5);
+  auto [gx5, gw5, gb5] = pc::proto_train_backward(ex, at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
+                                                  labels, i5, weighted5, 0.1, weight, bias, stats5);
   auto target = at::where(labels >= 0, labels * m, at::full_like(labels, -1));
   auto [ppc, ppd] = pc::proto_contrast_loss(ex, x, p, target, 0.1, -1);
   auto gx3 = pc::proto_contrast_loss_backward(ex, at::ones({}), at::ones({}), x, p, target, 0.1, -1);
   auto [q, assignment] = pc::sinkhorn(ex, own, labels, k, 3, 0.05);
+  // The distributed caller's steps of sinkhorn (csrc/protoseg.cpp), composed in one process.
+  auto [perm, offsets] = pc::sinkhorn_segments(ex, labels, k);
+  const auto n_k = (offsets.slice(0, 1) - offsets.slice(0, 0, -1)).to(at::kDouble);
+  auto plan = pc::sinkhorn_exp(ex, own, labels, pc::segment_reduce(ex, own, perm, offsets, true, true), 0.05);
+  plan = pc::sinkhorn_scale(ex, plan, labels, pc::segment_reduce(ex, plan, perm, offsets, false, true));
+  for (int it = 0; it < 3; ++it)
+    plan = pc::sinkhorn_step(ex, plan, labels, pc::segment_reduce(ex, plan, perm, offsets, false, false), n_k);
+  auto [q_steps, assignment_steps] = pc::sinkhorn_finish(ex, plan, labels, n_k);
   auto [mean, count] = pc::scatter_mean(ex, x, labels, k);
   auto gx4 = pc::scatter_mean_backward(ex, at::randn({k, d}), labels, count);
 
@@ -39,7 +52,11 @@ int main() {
                   gx2.isfinite().all().item<bool>() && gx3.isfinite().all().item<bool>() &&
                   ppc.isfinite().item<bool>() && (assignment >= -1).all().item<bool>() &&
                   count.sum().item<int64_t>() == (labels >= 0).sum().item<int64_t>() &&
-                  gx4.isfinite().all().item<bool>() && mean.isfinite().all().item<bool>();
+                  at::equal(q_steps, q) && at::equal(assignment_steps, assignment) &&
+                  gx4.isfinite().all().item<bool>() && mean.isfinite().all().item<bool>() &&
+                  x_hat.isfinite().all().item<bool>() && gx5.isfinite().all().item<bool>() &&
+                  gw5.isfinite().all().item<bool>() && gb5.isfinite().all().item<bool>() &&
+                  s5.isfinite().all().item<bool>();
   int kernels = 0;
   for (const auto& [name, stat] : ps_emu::stats) kernels += stat.launches > 0;
   std::printf("%s: %d kernels ran\n", ok ? "OK" : "MISMATCH", kernels);
