@@ -272,7 +272,7 @@ def plan(out: str, machine: dict) -> list[Step]:
              parse=lambda log: json.load(open(bench_json))),
         train_step("train_gpu_fp32", 60, "none"),
         train_step("train_gpu_bf16", 60, "bf16"),
-        train_step("train_cpu_fp32", 75, "none", {"CUDA_VISIBLE_DEVICES": ""}, partial_ok=True,
+        train_step("train_cpu_fp32", 45, "none", {"CUDA_VISIBLE_DEVICES": ""}, partial_ok=True,
                    note="CUDA_VISIBLE_DEVICES='', all cores; may stop at its time limit (then no mIoU)"),
         Step("torchrun_nccl", [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                                "tools/train.py", CONFIG, *train_overrides(torchrun_dir, out, 20)],
