@@ -48,8 +48,12 @@ def test_run_step_records_pass_failure_timeout_and_budget(tmp_path):
     assert ok["figures"] == {"lines": 2}  # the command line, then the output
     assert "hello" in (tmp_path / "ok.log").read_text()
 
-    bad = gpu_check.run_step(_step("bad", "import sys; print('boom'); sys.exit(3)"), out, 100)
+    bad = gpu_check.run_step(_step("bad", "import sys; print('boom'); sys.exit(3)", parse=count_lines),
+                             out, 100)
     assert (bad["status"], bad["returncode"]) == ("failed", 3)
+    assert bad["figures"] == {"lines": 2}, "a failed step's figures are read too (which tests failed)"
+    missing = gpu_check.run_step(gpu_check.Step("missing", [str(tmp_path / "no-such-tool")], 60), out, 100)
+    assert missing["status"] == "failed" and "could not start" in missing["note"]
 
     def refuse(log):
         raise gpu_check.CheckFailed("ran, but not on the GPU")
