@@ -101,6 +101,9 @@ def test_test_counts_from_pytests_junit_file(tmp_path):
                     str(tmp_path / "test_sample.py")], cwd=tmp_path, capture_output=True, timeout=120)
     assert gpu_check.junit_figures(str(junit)) == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1,
                                                    "passed": 2}
+    junit.write_text('<testsuites><testsuite tests="3" failures="0" errors="0" skipped="3"/></testsuites>')
+    with pytest.raises(gpu_check.CheckFailed, match="no test ran"):
+        gpu_check.junit_figures(str(junit))
 
 
 def test_sanitizer_summaries(tmp_path):
