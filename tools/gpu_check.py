@@ -460,6 +460,9 @@ def main() -> int:
         print(f"gpu_check: no usable GPU ({reason}); nothing was checked")
         return EXIT_NO_GPU
     out = os.path.abspath(args.out)
+    if os.path.isdir(out) and os.listdir(out):  # its run folders would refuse to start afresh
+        print(f"gpu_check: {out} is not empty: name a new or empty folder", file=sys.stderr)
+        return 1
     os.makedirs(out, exist_ok=True)
     deadline = time.monotonic() + args.budget
     machine = machine_info()
