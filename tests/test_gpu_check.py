@@ -167,3 +167,18 @@ def test_report_json_and_markdown_name_the_failed_step(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "passed"
     gpu_check.write_report(str(tmp_path), MACHINE, steps, finished=False)
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "running"
+
+
+def test_torchrun_needs_the_nccl_backend(tmp_path):
+    records = [{"iter": 10, "loss": 1.0, "time": 1.0}, {"iter": 20, "loss": 0.9, "time": 1.5},
+               {"iter": 20, "checkpoint": "x", "replicas_identical": 1}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = tmp_path / "torchrun.log"
+    # the trainer's start line (protoseg/engine/trainer.py, start_loop)
+    log.write_text("digitscenes_protoseg: 1.78M parameters, 1 rank(s) on cuda:0 (nccl), iterations 0 -> 20\n")
+    figures = gpu_check.torchrun_figures(str(log), str(tmp_path))
+    assert (figures["backend"], figures["device"], figures["replicas_identical"]) == ("nccl", "cuda:0", 1)
+    assert figures["steady_iterations_per_s"] == 20.0  # 10 iterations in 0.5 s
+    log.write_text("digitscenes_protoseg: 1.78M parameters, 1 rank(s) on cpu (gloo), iterations 0 -> 20\n")
+    with pytest.raises(gpu_check.CheckFailed, match="backend gloo"):
+        gpu_check.torchrun_figures(str(log), str(tmp_path))

@@ -175,7 +175,7 @@ def junit_figures(path: str) -> dict:
 
 def sanitizer_figures(log_path: str, junit: str) -> dict:
     """compute-sanitizer's error (memcheck) or hazard (racecheck) count, with the test counts."""
-    text = open(log_path, errors="replace").read()
+    text = read_text(log_path)
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
     hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazard", text)
     if not errors and not hazards:
@@ -187,6 +187,11 @@ def sanitizer_figures(log_path: str, junit: str) -> dict:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+def read_text(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 def training_figures(run_dir: str) -> dict:
@@ -214,7 +219,7 @@ def training_figures(run_dir: str) -> dict:
 def torchrun_figures(log_path: str, run_dir: str) -> dict:
     """The backend the trainer reports ("... rank(s) on cuda:0 (nccl)") and the replica check
     of its checkpoint; a run that is not NCCL fails the step."""
-    text = open(log_path, errors="replace").read()
+    text = read_text(log_path)
     found = re.search(r"rank\(s\) on (\S+) \((\w+)\)", text)
     backend = found.group(2) if found else None
     if backend != "nccl":
@@ -246,7 +251,7 @@ def plan(out: str, machine: dict) -> list[Step]:
         build_env["CUDA_HOME"] = None
 
     def built_for_gpu(log):
-        text = open(log, errors="replace").read()
+        text = read_text(log)
         if f"building CPU and CUDA kernels for {machine['capability']}" not in text:
             raise CheckFailed("setup.py did not build the CUDA kernels for this GPU's architecture")
         return {"architecture": machine["capability"], "jobs": machine["cpu_count"],
