@@ -2,6 +2,8 @@
 # make demo   train and evaluate ProtoSeg on the bundled DigitScenes data set (CPU, minutes)
 # make bench  microbenchmarks (pytest-benchmark), ratios against baselines in one process
 # Each target creates .venv with pinned torch and the other dependencies when it is missing.
+# make gpu-check [OUT=dir]  on a GPU machine, with the installed $(PYTHON) (no venv): build,
+#                           test, benchmark and train there; report in OUT (docs/gpu_check.md)
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +17,7 @@ CUDA_HOME ?= $(firstword $(patsubst %/lib64/libcudart.so,%,$(wildcard /usr/local
 TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: build test test-cuda demo bench clean
+.PHONY: build test test-cuda demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +59,13 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-columns=mean,stddev,rounds
+
+# For a machine with a GPU and a CUDA torch already installed, no network: it uses $(PYTHON) as
+# it is (no venv, nothing installed) and builds its own copy of the tree under OUT. Without a
+# GPU it says so in one line and fails with status 2 (make then adds its own "Error 2" line).
+OUT ?= runs/gpu-check-$(shell date -u +%Y%m%dT%H%M%SZ)
+gpu-check:
+	@$(PYTHON) tools/gpu_check.py "$(OUT)"
 
 clean:
 	rm -rf build *.egg-info protoseg/_C*.so $(PTH)

@@ -12,6 +12,7 @@ import protoseg.ops as ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]  # -k float32 selects (tools/gpu_check.py)
 TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-12), torch.float16: (1e-2, 2e-3),
        torch.bfloat16: (5e-2, 2e-2)}
 SIZES = [(0, 16, 3, 2), (1, 16, 3, 2), (1000, 64, 19, 10), (4099, 720, 19, 10), (2048, 720, 847, 10)]
@@ -38,7 +39,7 @@ def _both(fn, *tensors):
     return cpu, dev
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("size", SIZES)
 def test_similarity_and_train_parity(dtype, size):
     n, d, k, m = size
@@ -79,7 +80,7 @@ def test_similarity_and_train_parity(dtype, size):
     _close(g_dev, g_cpu, dtype, "proto_similarity grad_x")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [0, 777, 1 << 20])
 def test_contrast_loss_parity(dtype, n):
     d, k, m = (64, 19, 10) if n > 4096 else (128, 7, 4)
@@ -97,7 +98,7 @@ def test_contrast_loss_parity(dtype, n):
         _close(g_dev, g_cpu, dtype, "grad_x")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [0, 5000, 1 << 20])
 def test_sinkhorn_parity_and_determinism(dtype, n):
     k, m = 150, 10
@@ -112,7 +113,7 @@ def test_sinkhorn_parity_and_determinism(dtype, n):
     assert torch.equal(qc, qc2) and torch.equal(ac, ac2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [0, 5000, 1 << 20])
 def test_sinkhorn_steps_parity(dtype, n):
     """The distributed caller's steps composed on the GPU: bitwise the GPU's single-call sinkhorn
@@ -128,7 +129,7 @@ def test_sinkhorn_steps_parity(dtype, n):
     assert torch.equal(a.cpu(), ca)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [0, 3000, 1 << 20])
 def test_scatter_mean_parity_and_determinism(dtype, n):
     d, s = 64, 190
@@ -152,7 +153,7 @@ def test_scatter_mean_parity_and_determinism(dtype, n):
         _close(g_dev, g_cpu, dtype, "grad_x")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [0, 3000, 1 << 20])
 def test_layer_norm_normalize_parity(dtype, n):
     g = torch.Generator().manual_seed(5)

@@ -125,17 +125,21 @@ def test_config_errors_exit_2_naming_the_key(tiny_config):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_keeps_replicas_identical(tiny_config, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_gloo_run_keeps_replicas_identical(tiny_config, tmp_path, ranks):
+    """torchrun with 2 processes, and with 1, which joins a process group too (the collectives
+    of a multi-process run, NCCL on a GPU: tools/gpu_check.py's torchrun step)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            os.path.join(ROOT, "tools", "train.py"), tiny_config()]
     result = _run(cmd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{ranks} rank(s) on cpu (gloo)" in result.stdout
     saved = [r for r in _records(tmp_path / "run") if "checkpoint" in r]
     # every save compares exact fingerprints of all parameters and buffers (prototypes
     # included) across the ranks, and raises if one differs
-    assert [r["iter"] for r in saved] == [2, 4] and all(r["replicas_identical"] == 2 for r in saved)
+    assert [r["iter"] for r in saved] == [2, 4] and all(r["replicas_identical"] == ranks for r in saved)
     state = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)
-    assert len(state["rng"]) == 2
+    assert len(state["rng"]) == ranks
 
 
 @pytest.mark.slow

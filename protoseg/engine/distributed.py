@@ -11,10 +11,11 @@ from torch import nn
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    NCCL with one GPU per rank when CUDA is available, gloo on CPU."""
+    """(rank, world size, device). Under torchrun (which sets LOCAL_RANK), or WORLD_SIZE > 1,
+    joins the process group: NCCL with one GPU per rank when CUDA is available, gloo on CPU.
+    A 1-process torchrun joins too, so it runs the collectives of a multi-process run."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size == 1 and "LOCAL_RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])

@@ -195,8 +195,9 @@ def start_loop(run: Run) -> None:
     run.resumed = None
     if run.main:
         run.records = RunRecords(cfg.run_dir, run.start_iter)
+        backend = f" ({dist.get_backend()})" if is_distributed() else ""
         run.log(f"{cfg.name}: {count_parameters(run.model) / 1e6:.2f}M parameters, {run.world} rank(s) on "
-                f"{run.device}, iterations {run.start_iter} -> {t.iterations}, batch {t.batch_size}")
+                f"{run.device}{backend}, iterations {run.start_iter} -> {t.iterations}, batch {t.batch_size}")
     run.progress = tqdm(total=t.iterations, initial=run.start_iter, disable=not run.main, dynamic_ncols=True)
     run.model.train()
     run.started = time.time()
