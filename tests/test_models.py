@@ -128,9 +128,9 @@ def test_align_corners_reaches_every_resize(align_corners):
         expected = torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear",
                                                    align_corners=align_corners)
         assert torch.allclose(model(images)["logits"], expected, atol=1e-5)
-    # align_corners=True keeps the corner pixels of the low-resolution logits exactly.
-    corners_kept = torch.allclose(expected[..., [0, -1], :][..., [0, -1]], low[..., [0, -1], :][..., [0, -1]])
-    assert corners_kept == align_corners
+    # 16 -> 64 with align_corners=True samples output pixel 21 at exactly 21 * 15 / 63 = 5 (the
+    # grid's corners aligned); with False at (21 + 0.5) / 4 - 0.5 = 4.875, between two pixels.
+    assert torch.allclose(expected[..., 21, 21], low[..., 5, 5]) == align_corners
 
 
 def test_backbone_parameters_split_for_the_lr_multiplier():
