@@ -270,3 +270,51 @@ def test_segformer_head_is_the_all_mlp_decoder():
     with torch.no_grad():
         assert torch.allclose(head(features), head.fuse(torch.cat(levels[::-1], dim=1)), atol=1e-5)
     assert head.out_channels == 32 and isinstance(head.fuse[1], torch.nn.BatchNorm2d)
+
+
+def _mit_stage_transcription(x, embed, blocks, norm, heads, sr):
+    """One MiT stage as SegFormer's mix_transformer.py computes it, in plain PyTorch on the given
+    modules' weights: overlapping patch embedding (conv, LayerNorm), then per block
+    x + Attn(LN(x)) with the keys and values from a sr x sr strided conv and a LayerNorm, and
+    x + fc2(GELU(dwconv3x3(fc1(LN(x))))), then the stage LayerNorm; [B, C, H, W] out."""
+    F = torch.nn.functional
+    x = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=embed.proj.stride, padding=embed.proj.padding)
+    b, c, h, w = x.shape
+    x = F.layer_norm(x.flatten(2).transpose(1, 2), (c,), embed.norm.weight, embed.norm.bias, 1e-5)
+    for blk in blocks:
+        a = blk.attn
+        y = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        q = F.linear(y, a.q.weight, a.q.bias).reshape(b, h * w, heads, c // heads).transpose(1, 2)
+        kv = y
+        if sr > 1:
+            kv = F.conv2d(y.transpose(1, 2).reshape(b, c, h, w), a.sr.weight, a.sr.bias, stride=sr)
+            kv = F.layer_norm(kv.flatten(2).transpose(1, 2), (c,), a.norm.weight, a.norm.bias, 1e-5)
+        k, v = F.linear(kv, a.kv.weight, a.kv.bias).reshape(b, -1, 2, heads, c // heads).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, h * w, c), a.proj.weight, a.proj.bias)
+        m = blk.mlp
+        y = F.linear(F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, 1e-6), m.fc1.weight, m.fc1.bias)
+        y = F.conv2d(y.transpose(1, 2).reshape(b, -1, h, w), m.dwconv.weight, m.dwconv.bias, padding=1,
+                     groups=y.shape[-1])
+        x = x + F.linear(F.gelu(y.flatten(2).transpose(1, 2)), m.fc2.weight, m.fc2.bias)
+    x = F.layer_norm(x, (c,), norm.weight, norm.bias, 1e-6)
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_mit_b0_computes_segformer_mix_transformer_in_float64():
+    torch.manual_seed(0)
+    body = Backbone("mit_b0").body.double().eval()
+    for module in body.modules():  # non-trivial norms, so a wrong epsilon or order would show
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight, 1.0, 0.2)
+            torch.nn.init.normal_(module.bias, 0.0, 0.2)
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        ours = body(x)
+        expected = x
+        for i, (heads, sr) in enumerate(zip((1, 2, 5, 8), (8, 4, 2, 1))):
+            stage = getattr(body, f"stages_{i}")
+            embed = body.patch_embed if i == 0 else stage.downsample
+            expected = _mit_stage_transcription(expected, embed, stage.blocks, stage.norm, heads, sr)
+            torch.testing.assert_close(ours[i], expected, rtol=1e-10, atol=1e-10)
