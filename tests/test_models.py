@@ -114,6 +114,12 @@ def test_released_projection_is_contrast_py_head_in_float64():
         ProjectionHead(8, 4, "legacy")
 
 
+def test_segmentor_trains_with_the_released_projection():
+    model = _build("hrnet_w18_small", "hrnet", projection="released")
+    assert model.projection.kind == "released"
+    _check(model)
+
+
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_align_corners_reaches_every_resize(align_corners):
     model = _build("hrnet_w18_small", "hrnet", "softmax", align_corners=align_corners).eval()
