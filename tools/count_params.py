@@ -19,7 +19,8 @@ from protoseg.models.segmentor import build_model  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     print("| config | backbone | decoder | head | total |")

@@ -183,8 +183,8 @@ def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, st
                 "_labelTrainIds.png", "")
     if dataset == "ade20k_full":  # ADE20K_2021_17_01 as MaskFormer prepares it (data/ade20k_full.py)
         sub = {"train": "training", "val": "validation"}.get(split, split)
-        return (os.path.join(root, "images_detectron2", sub), os.path.join(root, "annotations_detectron2", sub),
-                ".tif", "")
+        return (os.path.join(root, "images_detectron2", sub),
+                os.path.join(root, "annotations_detectron2", sub), ".tif", "")
     raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, ade20k_full, coco_stuff or "
                      f"folder (got {dataset!r})")
 
