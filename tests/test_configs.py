@@ -114,3 +114,21 @@ def test_every_protoseg_config_has_a_softmax_twin():
     protoseg = {n[: -len("_protoseg.yaml")] for n in NAMES if n.endswith("_protoseg.yaml")}
     softmax = {n[: -len("_softmax.yaml")] for n in NAMES if n.endswith("_softmax.yaml")}
     assert protoseg == softmax and len(protoseg) == 10
+
+
+def test_count_params_tool_counts_each_part():
+    import subprocess
+    import sys
+
+    from protoseg.models.backbones import count_parameters
+    from protoseg.models.segmentor import build_model
+
+    path = os.path.join(CONFIGS, "digitscenes_protoseg.yaml")
+    tool = os.path.join(os.path.dirname(CONFIGS), "tools", "count_params.py")
+    out = subprocess.run([sys.executable, tool, path], capture_output=True, text=True, check=True).stdout
+    row = out.strip().splitlines()[-1].split("|")
+    model = build_model(load_config(path))
+    parts = (model.backbone, model.decoder)
+    expected = [count_parameters(p) for p in parts]
+    expected += [count_parameters(model) - sum(expected), count_parameters(model)]
+    assert [cell.strip() for cell in row[2:6]] == [f"{n / 1e6:.2f}M" for n in expected]
