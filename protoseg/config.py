@@ -20,11 +20,11 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    backbone: str = "hrnet_w48"  # a timm model name (hrnet_*, resnet*, swin_*, convnext_*)
+    backbone: str = "hrnet_w48"  # a timm model name (hrnet_*, resnet*, swin_*, convnext_*) or mit_b0..b5
     pretrained: bool = False  # timm's pretrained weights (needs network access)
     backbone_checkpoint: str = ""  # local backbone weights (a timm state dict); "" for none
     output_stride: int = 8  # ResNet only: dilate the last stages to reach this stride
-    decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet
+    decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet, segformer (all-MLP)
     decoder_channels: int = 720  # width of the decoder output (the paper: 720 for HRNet-W48)
     dropout: float = 0.1
     classifier: str = "prototype"  # prototype or softmax (1x1 conv)
@@ -40,13 +40,16 @@ class ModelConfig:
     # "local" reproduces the released code (per-GPU Sinkhorn; per-rank update, then averaging).
     sinkhorn_scope: str = "global"
     update_scope: str = "global"
-    legacy_width_norm: bool = False  # released code: L2-normalise the projection along width
+    # The projection head (prototype classifier only). "released": conv-ReLU-conv, then L2 along
+    # the image width, the head the released code runs; "default": conv-BN-ReLU-conv, no norm.
+    projection: str = "default"
+    align_corners: bool = True  # every bilinear resize in the model (the released code: True)
     sync_bn: bool = True  # SyncBatchNorm under DDP on GPUs
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digitscenes"  # digitscenes, cityscapes, ade20k, coco_stuff, folder
+    dataset: str = "digitscenes"  # digitscenes, cityscapes, ade20k, ade20k_full, coco_stuff, folder
     root: str = "data/digitscenes"
     train_split: str = "train"
     val_split: str = "val"

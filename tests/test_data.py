@@ -79,6 +79,32 @@ def test_reduce_zero_label_maps_zero_to_ignore(tmp_path):
     assert label.tolist() == [[255, 0], [149, 1]]
 
 
+def test_ade20k_full_reads_16_bit_tiff_labels_with_65535_ignored(tmp_path):
+    # MaskFormer's prepare_ade20k_full_sem_seg.py writes uint16 TIFFs: train ids 0..846, 65535 = none.
+    from protoseg.data.ade20k_full import ADE20K_FULL_CLASSES
+    from protoseg.data.datasets import class_names
+
+    assert len(ADE20K_FULL_CLASSES) == 847 == len(set(ADE20K_FULL_CLASSES))
+    assert ADE20K_FULL_CLASSES[0] == "wall" and ADE20K_FULL_CLASSES[2] == "sky"
+    assert class_names("ade20k_full", 847) == list(ADE20K_FULL_CLASSES)
+    image = tmp_path / "images_detectron2" / "training" / "ADE_train_1.jpg"
+    label = tmp_path / "annotations_detectron2" / "training" / "ADE_train_1.tif"
+    for path in (image, label):
+        os.makedirs(path.parent, exist_ok=True)
+    cv2.imwrite(str(image), np.zeros((2, 3, 3), np.uint8))
+    cv2.imwrite(str(label), np.array([[0, 255, 846], [65535, 300, 1]], np.uint16))
+    pairs = dataset_pairs("ade20k_full", str(tmp_path), "train")
+    dataset = SegmentationDataset(pairs, 847, EvalTransform(MEAN, STD), ignore_index=65535)
+    _, loaded = dataset.load(0)
+    assert loaded.tolist() == [[0, 255, 846], [65535, 300, 1]]
+    crop = TrainTransform((4, 4), (1.0, 1.0), False, False, MEAN, STD, 65535)
+    _, cropped, _ = SegmentationDataset(pairs, 847, crop, ignore_index=65535)[0]
+    assert set(cropped.unique().tolist()) == {0, 1, 255, 300, 846, 65535}  # padding is ignore
+    cv2.imwrite(str(label), np.array([[0, 847, 846], [65535, 300, 1]], np.uint16))
+    with pytest.raises(SampleError, match=r"ADE_train_1.tif has value\(s\) \[847\]"):
+        dataset.load(0)
+
+
 def test_missing_label_is_reported_at_construction(tmp_path):
     _write_pair(tmp_path, "x", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8))
     os.remove(tmp_path / "labels" / "x.png")
@@ -118,6 +144,7 @@ def test_train_sampler_resumes_and_shards_global_batches():
     ("cityscapes", "leftImg8bit/val/aachen/a_000001_leftImg8bit.png", "gtFine/val/aachen/a_000001_gtFine_labelTrainIds.png"),
     ("ade20k", "images/validation/ADE_val_1.jpg", "annotations/validation/ADE_val_1.png"),
     ("coco_stuff", "images/val2017/0001.jpg", "annotations/val2017/0001_labelTrainIds.png"),
+    ("ade20k_full", "images_detectron2/validation/ADE_1.jpg", "annotations_detectron2/validation/ADE_1.tif"),
     ("folder", "images/val/x.jpg", "labels/val/x.png"),
 ])
 def test_dataset_layouts(tmp_path, dataset, image, label):

@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from protoseg.data import digitscenes
+from protoseg.data.ade20k_full import ADE20K_FULL_CLASSES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -180,8 +181,12 @@ def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, st
         sub = {"train": "train2017", "val": "val2017"}.get(split, split)
         return (os.path.join(root, "images", sub), os.path.join(root, "annotations", sub),
                 "_labelTrainIds.png", "")
-    raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, coco_stuff or folder "
-                     f"(got {dataset!r})")
+    if dataset == "ade20k_full":  # ADE20K_2021_17_01 as MaskFormer prepares it (data/ade20k_full.py)
+        sub = {"train": "training", "val": "validation"}.get(split, split)
+        return (os.path.join(root, "images_detectron2", sub),
+                os.path.join(root, "annotations_detectron2", sub), ".tif", "")
+    raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, ade20k_full, coco_stuff or "
+                     f"folder (got {dataset!r})")
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
@@ -189,4 +194,6 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
         return list(digitscenes.CLASS_NAMES)
     if dataset == "cityscapes" and num_classes == len(CITYSCAPES_CLASSES):
         return list(CITYSCAPES_CLASSES)
+    if dataset == "ade20k_full" and num_classes == len(ADE20K_FULL_CLASSES):
+        return list(ADE20K_FULL_CLASSES)
     return [f"class_{k}" for k in range(num_classes)]

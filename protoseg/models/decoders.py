@@ -7,6 +7,11 @@
 - ASPPHead (DeepLabV3): 1x1 and three dilated 3x3 branches plus image pooling on the last
   feature map, fused by a 1x1 conv, dropout.
 - UperNetHead: pyramid pooling on the last map, FPN over all maps, fused at stride 4.
+- SegFormerHead (the all-MLP decoder of SegFormer, Xie et al. 2021): each map linearly
+  projected to C channels (a per-pixel Linear, i.e. a 1x1 conv), upsampled to stride 4,
+  concatenated deepest first, fused by a 1x1 conv-BN-ReLU, dropout. Stride 4.
+
+Every bilinear resize uses the model's `align_corners` (model.align_corners).
 """
 
 from __future__ import annotations
@@ -24,25 +29,28 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.
     )
 
 
-def _resize(x: Tensor, size) -> Tensor:
-    return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def _resize(x: Tensor, size, align_corners: bool) -> Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class HRNetHead(nn.Module):
-    def __init__(self, in_channels: list[int], channels: int, dropout: float):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool):
         super().__init__()
+        self.align_corners = align_corners
         self.fuse = conv_bn_relu(sum(in_channels), channels)
         self.dropout = nn.Dropout2d(dropout)
         self.out_channels = channels
 
     def forward(self, features: list[Tensor]) -> Tensor:
         size = features[0].shape[-2:]
-        x = torch.cat([_resize(f, size) for f in features], dim=1)
+        x = torch.cat([_resize(f, size, self.align_corners) for f in features], dim=1)
         return self.dropout(self.fuse(x))
 
 
 class FCNHead(nn.Module):
-    def __init__(self, in_channels: list[int], channels: int, dropout: float):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool):
         super().__init__()
         self.convs = nn.Sequential(conv_bn_relu(in_channels[-1], channels), conv_bn_relu(channels, channels))
         self.dropout = nn.Dropout2d(dropout)
@@ -53,7 +61,8 @@ class FCNHead(nn.Module):
 
 
 class ASPPHead(nn.Module):
-    def __init__(self, in_channels: list[int], channels: int, dropout: float, rates=(12, 24, 36)):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool,
+                 rates=(12, 24, 36)):
         super().__init__()
         cin = in_channels[-1]
         self.branches = nn.ModuleList([conv_bn_relu(cin, channels, 1)] +
@@ -71,8 +80,10 @@ class ASPPHead(nn.Module):
 
 
 class UperNetHead(nn.Module):
-    def __init__(self, in_channels: list[int], channels: int, dropout: float, pool_scales=(1, 2, 3, 6)):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool,
+                 pool_scales=(1, 2, 3, 6)):
         super().__init__()
+        self.align_corners = align_corners
         self.pool_scales = pool_scales
         self.ppm = nn.ModuleList([conv_bn_relu(in_channels[-1], channels, 1) for _ in pool_scales])
         self.ppm_fuse = conv_bn_relu(in_channels[-1] + channels * len(pool_scales), channels)
@@ -84,21 +95,38 @@ class UperNetHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         top = features[-1]
-        pyramid = [top] + [_resize(conv(F.adaptive_avg_pool2d(top, s)), top.shape[-2:])
+        pyramid = [top] + [_resize(conv(F.adaptive_avg_pool2d(top, s)), top.shape[-2:], self.align_corners)
                            for s, conv in zip(self.pool_scales, self.ppm)]
         levels = [lateral(f) for lateral, f in zip(self.laterals, features[:-1])]
         levels.append(self.ppm_fuse(torch.cat(pyramid, dim=1)))
         for i in range(len(levels) - 1, 0, -1):  # top-down pathway
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:], self.align_corners)
         outs = [fpn(level) for fpn, level in zip(self.fpn, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[-2:]
-        return self.dropout(self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1)))
+        return self.dropout(self.fuse(torch.cat([_resize(o, size, self.align_corners) for o in outs], dim=1)))
 
 
-DECODERS = {"hrnet": HRNetHead, "fcn": FCNHead, "aspp": ASPPHead, "upernet": UperNetHead}
+class SegFormerHead(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool):
+        super().__init__()
+        self.align_corners = align_corners
+        self.linears = nn.ModuleList([nn.Conv2d(c, channels, 1) for c in in_channels])
+        self.fuse = conv_bn_relu(channels * len(in_channels), channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]
+        levels = [_resize(linear(f), size, self.align_corners) for linear, f in zip(self.linears, features)]
+        return self.dropout(self.fuse(torch.cat(levels[::-1], dim=1)))
 
 
-def build_decoder(name: str, in_channels: list[int], channels: int, dropout: float) -> nn.Module:
+DECODERS = {"hrnet": HRNetHead, "fcn": FCNHead, "aspp": ASPPHead, "upernet": UperNetHead,
+            "segformer": SegFormerHead}
+
+
+def build_decoder(name: str, in_channels: list[int], channels: int, dropout: float,
+                  align_corners: bool = True) -> nn.Module:
     if name not in DECODERS:
         raise ValueError(f"model.decoder must be one of {sorted(DECODERS)} (got {name!r})")
-    return DECODERS[name](in_channels, channels, dropout)
+    return DECODERS[name](in_channels, channels, dropout, align_corners)

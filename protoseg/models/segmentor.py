@@ -11,42 +11,49 @@ from protoseg.models.decoders import build_decoder
 from protoseg.models.prototype import PrototypeClassifier
 
 
-class ProjectionHead(nn.Module):
-    """1x1 conv, BN, ReLU, 1x1 conv to the embedding dimension D.
+PROJECTIONS = ("default", "released")
 
-    `legacy_width_norm` reproduces the released code, which L2-normalises the [B, D, H, W]
-    output along dim=-1, i.e. along the image WIDTH rather than the channels. The corrected
-    head does not normalise here at all: the classifier LayerNorms and L2-normalises each
-    pixel's embedding itself.
+
+class ProjectionHead(nn.Module):
+    """Decoder features [B, C, H, W] -> embeddings [B, D, H, W].
+
+    - "default": 1x1 conv, BN, ReLU, 1x1 conv, no normalisation: the classifier LayerNorms and
+      L2-normalises each pixel's embedding itself.
+    - "released": the head the released code runs. Its hrnet.py imports ProjectionHead twice;
+      the second, lib/models/modules/contrast.py's, wins: 1x1 conv, ReLU, 1x1 conv (no BN), then
+      F.normalize(dim=-1), which on [B, D, H, W] normalises along the image WIDTH, not the
+      channels (docs/design.md, section 1).
     """
 
-    def __init__(self, cin: int, dim: int, legacy_width_norm: bool = False):
+    def __init__(self, cin: int, dim: int, kind: str = "default"):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cin, dim, 1))
-        self.legacy_width_norm = legacy_width_norm
+        if kind not in PROJECTIONS:
+            raise ValueError(f"model.projection must be one of {PROJECTIONS} (got {kind!r})")
+        norm = [nn.BatchNorm2d(cin)] if kind == "default" else []
+        self.mlp = nn.Sequential(nn.Conv2d(cin, cin, 1), *norm, nn.ReLU(inplace=True), nn.Conv2d(cin, dim, 1))
+        self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
-        return F.normalize(x, p=2, dim=-1) if self.legacy_width_norm else x
+        return F.normalize(x, p=2, dim=-1) if self.kind == "released" else x
 
 
 class Segmentor(nn.Module):
     """forward(images [B, 3, H, W], labels [B, H, W] int64 | None) -> dict with
-    "logits" [B, K, H, W] (upsampled bilinearly to the image), and in training mode with the
-    prototype classifier and labels given, "ppc" and "ppd" (scalars)."""
+    "logits" [B, K, H, W] (upsampled bilinearly to the image, with `align_corners`), and in
+    training mode with the prototype classifier and labels given, "ppc" and "ppd" (scalars)."""
 
     def __init__(self, backbone: Backbone, decoder: nn.Module, num_classes: int, *,
-                 classifier: str = "prototype", proj_dim: int = 720, legacy_width_norm: bool = False,
-                 ignore_index: int = 255, prototype_kwargs: dict | None = None):
+                 classifier: str = "prototype", proj_dim: int = 720, projection: str = "default",
+                 align_corners: bool = True, ignore_index: int = 255, prototype_kwargs: dict | None = None):
         super().__init__()
         if classifier not in ("prototype", "softmax"):
             raise ValueError(f"model.classifier must be 'prototype' or 'softmax' (got {classifier!r})")
         self.backbone, self.decoder = backbone, decoder
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.align_corners = num_classes, ignore_index, align_corners
         self.uses_prototypes = classifier == "prototype"
         if self.uses_prototypes:
-            self.projection = ProjectionHead(decoder.out_channels, proj_dim, legacy_width_norm)
+            self.projection = ProjectionHead(decoder.out_channels, proj_dim, projection)
             self.classifier = PrototypeClassifier(proj_dim, num_classes, ignore_index=ignore_index,
                                                   **(prototype_kwargs or {}))
         else:
@@ -68,7 +75,8 @@ class Segmentor(nn.Module):
             else:
                 scores = self.classifier(pixels)
             logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
-        out["logits"] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        out["logits"] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                                      align_corners=self.align_corners)
         return out
 
 
@@ -90,7 +98,7 @@ def build_model(cfg: Config) -> Segmentor:
     m, d = cfg.model, cfg.data
     backbone = Backbone(m.backbone, pretrained=m.pretrained, checkpoint=m.backbone_checkpoint,
                         output_stride=m.output_stride, img_size=tuple(d.crop_size))
-    decoder = build_decoder(m.decoder, backbone.channels, m.decoder_channels, m.dropout)
+    decoder = build_decoder(m.decoder, backbone.channels, m.decoder_channels, m.dropout, m.align_corners)
     prototype_kwargs = dict(
         num_prototypes=m.num_prototypes, momentum=m.momentum, temperature=m.temperature,
         sinkhorn_iterations=m.sinkhorn_iterations, sinkhorn_epsilon=m.sinkhorn_epsilon,
@@ -98,7 +106,7 @@ def build_model(cfg: Config) -> Segmentor:
         sinkhorn_scope=m.sinkhorn_scope, update_scope=m.update_scope,
     )
     return Segmentor(backbone, decoder, d.num_classes, classifier=m.classifier, proj_dim=m.proj_dim,
-                     legacy_width_norm=m.legacy_width_norm, ignore_index=d.ignore_index,
+                     projection=m.projection, align_corners=m.align_corners, ignore_index=d.ignore_index,
                      prototype_kwargs=prototype_kwargs)
 
 

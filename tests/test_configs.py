@@ -1,0 +1,134 @@
+"""Every shipped config trains: built at its own size (pretrained weights off), two training
+iterations and one evaluation on a tiny synthetic data set written in that data set's own file
+layout at a 64x64 crop; and every softmax twin differs from its ProtoSeg config only in
+model.classifier."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from protoseg.config import config_to_dict, load_config
+from protoseg.engine import trainer as trainer_module
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+NAMES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml")))
+CROP = 64
+
+
+def _pairs(dataset: str, split: str) -> list[tuple[str, str]]:
+    """Relative (image, label) paths of two samples of `split` in the data set's own layout:
+    Cityscapes leftImg8bit/gtFine trainIds, ADEChallengeData2016, COCO-Stuff-164k with mmseg's
+    trainIds, ADE20K-Full as MaskFormer's prepare_ade20k_full_sem_seg.py writes it."""
+    names = [f"{split}_{i}" for i in range(2)]
+    if dataset == "cityscapes":
+        return [(f"leftImg8bit/{split}/aachen/{n}_leftImg8bit.png",
+                 f"gtFine/{split}/aachen/{n}_gtFine_labelTrainIds.png") for n in names]
+    if dataset == "ade20k":
+        sub = {"train": "training", "val": "validation"}[split]
+        return [(f"images/{sub}/ADE_{n}.jpg", f"annotations/{sub}/ADE_{n}.png") for n in names]
+    if dataset == "coco_stuff":
+        sub = {"train": "train2017", "val": "val2017"}[split]
+        return [(f"images/{sub}/{n}.jpg", f"annotations/{sub}/{n}_labelTrainIds.png") for n in names]
+    if dataset == "ade20k_full":
+        sub = {"train": "training", "val": "validation"}[split]
+        return [(f"images_detectron2/{sub}/ADE_{n}.jpg", f"annotations_detectron2/{sub}/ADE_{n}.tif")
+                for n in names]
+    raise AssertionError(f"no synthetic layout for {dataset}")
+
+
+def _write_dataset(root, dataset: str, num_classes: int, ignore_index: int) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for image_rel, label_rel in _pairs(dataset, split):
+            h, w = CROP + 16, CROP + 32  # larger than the crop; evaluation pads to the stride
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            if dataset == "ade20k":  # 0 is "other" (ignored), classes are 1..150 on disk
+                label = rng.integers(0, num_classes + 1, (h, w))
+            else:
+                label = rng.integers(0, num_classes, (h, w))
+                label[:4] = ignore_index
+            dtype = np.uint16 if dataset == "ade20k_full" else np.uint8
+            for rel, array in ((image_rel, image), (label_rel, label.astype(dtype))):
+                os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+                assert cv2.imwrite(str(root / rel), array)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    overrides = [
+        "model.pretrained=false", "model.backbone_checkpoint=''", f"output_dir={tmp_path / 'run'}",
+        f"data.crop_size=[{CROP},{CROP}]", "data.num_workers=0", "train.iterations=2", "train.batch_size=2",
+        "train.eval_interval=2", "train.log_interval=1", "train.amp=none",
+    ]
+    if cfg.data.dataset == "digitscenes":
+        overrides += [f"data.root={tmp_path / 'data'}", "data.scenes_train=4", "data.scenes_val=2"]
+    else:
+        overrides.append(f"data.root={tmp_path / 'data'}")
+        _write_dataset(tmp_path / "data", cfg.data.dataset, cfg.data.num_classes, cfg.data.ignore_index)
+    if cfg.test.mode == "slide":
+        overrides += [f"test.crop_size=[{CROP},{CROP}]", f"test.stride=[{CROP // 2},{CROP // 2}]"]
+    small = load_config(os.path.join(CONFIGS, name), overrides)
+    for section in ("model", "data"):  # the model the config names, at its own size
+        for key in ("backbone", "decoder", "decoder_channels", "proj_dim", "classifier", "num_classes"):
+            if hasattr(getattr(cfg, section), key):
+                assert getattr(getattr(small, section), key) == getattr(getattr(cfg, section), key)
+    saved = []
+    # Skip only writing the checkpoint (a full-size model with its optimizer state is ~1 GB).
+    monkeypatch.setattr(trainer_module, "save", lambda run, iteration: saved.append(iteration))
+    assert trainer_module.train(small, log=lambda message: None) == "finished"
+    assert saved == [2]
+    with open(tmp_path / "run" / "eval_results.json") as f:
+        results = json.load(f)
+    assert 0.0 <= results["mIoU"] <= 1.0
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert ("ppc" in records[0]) == (cfg.model.classifier == "prototype")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.endswith("_softmax.yaml")])
+def test_softmax_twin_differs_only_in_the_classifier(name):
+    twin = name.replace("_softmax.yaml", "_protoseg.yaml")
+    with open(os.path.join(CONFIGS, name)) as f:
+        raw = yaml.safe_load(f)
+    assert raw == {"base": twin, "name": name[:-5], "model": {"classifier": "softmax"}}
+    a = config_to_dict(load_config(os.path.join(CONFIGS, twin)))
+    b = config_to_dict(load_config(os.path.join(CONFIGS, name)))
+    differing = {f"{s}.{k}" if isinstance(a[s], dict) else s
+                 for s in a for k in (a[s] if isinstance(a[s], dict) else [None])
+                 if (a[s][k] if k else a[s]) != (b[s][k] if k else b[s])}
+    assert differing == {"name", "model.classifier"}
+    assert (a["model"]["classifier"], b["model"]["classifier"]) == ("prototype", "softmax")
+
+
+def test_every_protoseg_config_has_a_softmax_twin():
+    protoseg = {n[: -len("_protoseg.yaml")] for n in NAMES if n.endswith("_protoseg.yaml")}
+    softmax = {n[: -len("_softmax.yaml")] for n in NAMES if n.endswith("_softmax.yaml")}
+    assert protoseg == softmax and len(protoseg) == 10
+
+
+def test_count_params_tool_counts_each_part():
+    import subprocess
+    import sys
+
+    from protoseg.models.backbones import count_parameters
+    from protoseg.models.segmentor import build_model
+
+    path = os.path.join(CONFIGS, "digitscenes_protoseg.yaml")
+    tool = os.path.join(os.path.dirname(CONFIGS), "tools", "count_params.py")
+    out = subprocess.run([sys.executable, tool, path], capture_output=True, text=True, check=True).stdout
+    row = out.strip().splitlines()[-1].split("|")
+    model = build_model(load_config(path))
+    parts = (model.backbone, model.decoder)
+    expected = [count_parameters(p) for p in parts]
+    expected += [count_parameters(model) - sum(expected), count_parameters(model)]
+    assert [cell.strip() for cell in row[2:6]] == [f"{n / 1e6:.2f}M" for n in expected]
