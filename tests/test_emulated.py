@@ -513,6 +513,33 @@ def test_mixed_devices_name_the_argument(emu, name):
     assert "same device" not in str(failure.value)
 
 
+def test_record_only_costs_the_launch_sequence_without_running_it(chunked):
+    """benchmarks/cuda_roofline.py's mode: every launch and GEMM of the shipped sequence is
+    recorded with its bytes and FLOPs (hand-computed here for proto_similarity in three
+    chunks), and nothing runs (the kernels' outputs are left as allocated)."""
+    n, d, k, m = 50, 8, 3, 2
+    x, p = _inputs(n, d, k, m, torch.float32, seed=15)
+    chunked.set_tile_budget(20 * k * m)  # chunks of 20, 20 and 10 rows
+    chunked.take_records()
+    chunked.set_record_only(True)
+    try:
+        chunked.proto_similarity(x, p)
+    finally:
+        chunked.set_record_only(False)
+    records = chunked.take_records()
+    names = [r[0].replace("protoseg::cuda::", "") for r in records]
+    assert names == ["NormalizeParams<float>"] + ["NormalizeParams<float>", "gemm Float", "EpilogueParams<float>"] * 3
+    gemms = [r for r in records if r[0].startswith("gemm")]
+    assert sum(r[3] for r in gemms) == 2 * n * k * m * d
+    assert [r[1] for r in gemms] == [(rows * d + d * k * m) * 4 for rows in (20, 20, 10)]
+    normalize_x = [r for r in records if "Normalize" in r[0]][1:]
+    assert sum(r[1] for r in normalize_x) == n * d * 4 and sum(r[2] for r in normalize_x) == n * d * 4
+    epilogue = [r for r in records if "Epilogue" in r[0]]
+    assert sum(r[1] for r in epilogue) == n * k * m * 4  # the tile, read once
+    assert sum(r[2] for r in epilogue) == n * k * (4 + 8)  # scores and index written
+    assert chunked.take_records() == []
+
+
 # ---- coverage ---------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,10 @@ class CudaExec {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // cuBLAS through ATen, which guards its own device and follows torch's matmul precision
+  // settings (TF32 where torch.backends.cuda.matmul.allow_tf32 allows it).
+  void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
  private:
   at::Device device_;
   std::optional<c10::cuda::CUDAGuard> guard_;

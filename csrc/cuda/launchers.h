@@ -1,8 +1,9 @@
 // The host side of every CUDA op: argument checks, output allocation, the chunk loop with its
-// cuBLAS GEMMs (at::mm_out), and the kernel launches, in the order of STYLE.md rule 6.
+// cuBLAS GEMMs, and the kernel launches, in the order of STYLE.md rule 6.
 //
 // Written once, templated on an executor `Exec` that provides
 //   void launch(void (*kernel)(P), ps::Dim3 grid, ps::Dim3 block, size_t dynamic_smem, const P&)
+//   void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b)   (out = a b)
 //   int64_t tile_budget   (entries of the [rows, K*M] tile)
 // csrc/cuda/<op>.cu instantiates it with CudaExec (kernel<<<...>>> on the current stream, then
 // C10_CUDA_KERNEL_LAUNCH_CHECK) and registers the ops for the CUDA key; the test-only CPU grid
@@ -128,7 +129,7 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
     NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), xbuf.data_ptr<acc>()};
     ex.launch(normalize_rows_kernel<scalar_t>, grid_for(r, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
     auto s_view = tile.narrow(0, 0, r);
-    at::mm_out(s_view, xbuf.narrow(0, 0, r), p_hat_t);
+    ex.gemm(s_view, xbuf.narrow(0, 0, r), p_hat_t);
     EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), r, start, k_classes, m_protos, out.scores, out.index,
                                 out.labels, out.own, out.target, out.target_logit, out.lse,
                                 row_sum.defined() ? row_sum.data_ptr<acc>() : nullptr,
@@ -136,7 +137,7 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
     if (out.weighted.defined()) {
       at::Tensor w_view = out.weighted.narrow(0, start, r);
-      at::mm_out(w_view, s_view, p_hat);
+      ex.gemm(w_view, s_view, p_hat);
       ex.launch(scale_rows_kernel<acc>, grid_for(r * d, kScaleThreads), kScaleThreads, 0,
                 ScaleRowsParams<acc>{w_view.data_ptr<acc>(), r, d, row_sum.data_ptr<acc>()});
     }
@@ -182,7 +183,7 @@ void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int
                                   g.grad_own, g.labels, g.coef_target, g.target};
       ex.launch(grad_tile_kernel<scalar_t>, grid_for(r, kRows), kGradTileThreads, 0, tp);
       at::Tensor out_view = tile_grad.narrow(0, 0, r);
-      at::mm_out(out_view, tile.narrow(0, 0, r), p_hat);
+      ex.gemm(out_view, tile.narrow(0, 0, r), p_hat);
     }
     GradParams<scalar_t> gp{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1), r, start,
                             tile_terms ? tile_grad.data_ptr<acc>() : nullptr, g.grad_lse, g.weighted,
@@ -669,7 +670,8 @@ std::tuple<at::Tensor, at::Tensor> scatter_mean(Exec& ex, const at::Tensor& x, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_mean_cuda", [&] {
     ex.launch(scatter_mean_kernel<scalar_t>, grid_for(num_segments * channel_blocks, 1), kScatterThreads, 0,
               ScatterMeanParams<scalar_t>{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1),
-                                          perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), num_segments,
+                                          perm.data_ptr<int64_t>(), perm.numel(), offsets.data_ptr<int64_t>(),
+                                          num_segments,
                                           channel_blocks, mean.data_ptr<scalar_t>(), count.data_ptr<int64_t>()});
   });
   return {mean, count};

@@ -14,6 +14,7 @@ struct ScatterMeanParams {
   const scalar_t* x;  // [N, D] with strides
   int64_t d, sx0, sx1;
   const int64_t* perm;     // [n] sorted position -> pixel
+  int64_t n;               // entries of perm (what the launch's cost is counted from)
   const int64_t* offsets;  // [S + 1]
   int64_t num_segments;
   int64_t channel_blocks;  // ceil(D / kThreads)

@@ -5,7 +5,7 @@
 #include <torch/extension.h>
 
 #include "cuda/launchers.h"
-#include "grid_executor.h"
+#include "emu_exec.h"
 #include "layer_norm_normalize.h"
 
 namespace {
@@ -32,6 +32,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace pc = protoseg::cuda;
   m.def("set_tile_budget", [](int64_t b) { tile_budget = b; }, "entries of the [rows, K*M] tile (forces chunking)");
   m.def("launch_stats", &launch_stats, "{kernel params type: (launches, largest grid)}");
+  m.def(
+      "set_record_only", [](bool on) { ps_emu::record_only = on; },
+      "launches and GEMMs record their cost (emu_exec.h) instead of running");
+  m.def(
+      "take_records",
+      [] {
+        std::lock_guard<std::mutex> lock(ps_emu::records_mutex);
+        py::list out;
+        for (const auto& r : ps_emu::records) out.append(py::make_tuple(r.name, r.read, r.written, r.flops));
+        ps_emu::records.clear();
+        return out;
+      },
+      "[(name, bytes read, bytes written, flops)] since the last call");
   m.def("proto_similarity", [](const at::Tensor& x, const at::Tensor& p) {
     auto ex = exec();
     return pc::proto_similarity(ex, x, p);

@@ -14,8 +14,7 @@
 //     warp barrier, reads its source lane's value, warp barrier;
 //   - atomics are std::atomic_ref operations (portability.h).
 //
-// EmuExec is the `Exec` of csrc/cuda/launchers.h for CPU tensors: the emulated tests run the
-// shipped launch sequence, with torch's CPU GEMM and sort standing in for cuBLAS and cub.
+// emu_exec.h makes it the `Exec` of csrc/cuda/launchers.h.
 #pragma once
 
 #include <cxxabi.h>
@@ -226,18 +225,3 @@ void launch(void (*kernel)(P), Dim3 grid, Dim3 block, std::size_t dynamic_smem, 
 }
 
 }  // namespace ps_emu
-
-namespace protoseg {
-namespace cuda {
-
-// launchers.h's executor interface, on the CPU grid executor.
-struct EmuExec {
-  int64_t tile_budget = int64_t{1} << 25;
-  template <class P>
-  void launch(void (*kernel)(P), ps::Dim3 grid, ps::Dim3 block, std::size_t dynamic_smem, const P& params) const {
-    ps_emu::launch(kernel, grid, block, dynamic_smem, params);
-  }
-};
-
-}  // namespace cuda
-}  // namespace protoseg

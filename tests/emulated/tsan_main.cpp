@@ -9,7 +9,7 @@
 #include <cstdio>
 
 #include "cuda/launchers.h"
-#include "grid_executor.h"
+#include "emu_exec.h"
 
 namespace pc = protoseg::cuda;
 

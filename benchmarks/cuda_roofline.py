@@ -1,0 +1,162 @@
+"""The CUDA path's roofline, computed from the shipped launch sequence.
+
+Runs csrc/cuda/launchers.h (the host code of every CUDA op) on the CPU grid executor in
+record-only mode: no kernel executes; every launch and every GEMM records, from its
+arguments, the bytes of global memory it reads and writes and its FLOPs
+(tests/emulated/launch_costs.h). Each record's bound time on a GPU is the larger of
+bytes / bandwidth and FLOPs / peak; the table sums them per kernel.
+
+    python benchmarks/cuda_roofline.py            # N = 2^20, D = 720, K*M = 190 and 8470
+
+Cases: `proto_similarity`, and one training step of the classifier without its feature
+LayerNorm (proto_train, sinkhorn, proto_train_backward, scatter_mean of the unit rows), in
+  fp32: float32 x, strict fp32 GEMMs;
+  tf32: float32 x, TF32 GEMMs (torch.backends.cuda.matmul.allow_tf32);
+  bf16: bfloat16 x passed to the ops directly (under autocast the classifier's ops take float32,
+        so x would first be copied up), GEMMs as the launch sequence issues them, TF32 allowed.
+The floor beside each: similarity, one GEMM of x against the prototypes (or reading x and
+writing the scores, if larger); the step, its three GEMMs (S, softmax(S) P, the backward's
+G P) or reading x twice and writing grad_x, whichever is larger; GEMMs at the peak of x's own
+dtype (bf16 tensor cores for bf16 x, which the launch sequence does not use yet). ATen operations inside the
+launch sequence (copies, sorts, the L2 normalisation composite) are not modelled: they are
+listed under the table with the pixel-sized tensors they touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "emulated"))
+import emulated_module  # noqa: E402
+
+
+N, D, M = 1 << 20, 720, 10
+KS = (19, 847)
+# Dense peaks: HBM bandwidth, FP32 on CUDA cores, TF32 and BF16 on tensor cores (NVIDIA's data
+# sheets for the SXM parts; the sparse figures are twice these).
+GPUS = {
+    "H100 SXM": {"bandwidth": 3.35e12, "fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "H200": {"bandwidth": 4.8e12, "fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+}
+MODES = {"fp32": (torch.float32, "fp32"), "tf32": (torch.float32, "tf32"), "bf16": (torch.bfloat16, "tf32")}
+
+
+def gemm_peak(name: str, gpu: dict, float_gemm: str) -> float:
+    if "BFloat16" in name or "Half" in name:
+        return gpu["bf16"]
+    return gpu[float_gemm] if "Float" in name else gpu["fp32"]  # double GEMMs do not occur
+
+
+def bound(record, gpu: dict, float_gemm: str) -> float:
+    name, read, written, flops = record
+    peak = gemm_peak(name, gpu, float_gemm) if name.startswith("gemm") else gpu["fp32"]
+    return max((read + written) / gpu["bandwidth"], flops / peak)
+
+
+def similarity(emu, x, p, labels):
+    emu.proto_similarity(x, p)
+
+
+def training_step(emu, x, p, labels):
+    k, m = p.shape[:2]
+    scores, index, own, lse, weighted, x_hat, stats = emu.proto_train(x, p, labels, 0.1)
+    emu.sinkhorn(own, labels, k, 3, 0.05)
+    emu.proto_train_backward(torch.empty_like(scores), torch.empty_like(own), torch.empty_like(lse), x, p, labels,
+                             index, weighted, 0.1, None, None, stats)
+    emu.scatter_mean(x_hat, labels * m, k * m)
+
+
+def floor(case: str, x, km: int, gpu: dict, float_gemm: str) -> float:
+    """The mode's ideal: GEMMs at the peak of x's own dtype (bf16 on tensor cores for bf16 x)."""
+    gemm_flops = 2.0 * N * km * D
+    peak = gpu["bf16"] if x.dtype == torch.bfloat16 else gpu[float_gemm]
+    if case == "similarity":
+        return max(gemm_flops / peak, (N * D * x.element_size() + N * (km // M) * (x.element_size() + 8)) / gpu["bandwidth"])
+    return max(3 * gemm_flops / peak, 3 * N * D * x.element_size() / gpu["bandwidth"])
+
+
+VIEWS = {"aten::narrow", "aten::slice", "aten::unsqueeze", "aten::view", "aten::reshape", "aten::as_strided",
+         "aten::select", "aten::t", "aten::transpose", "aten::expand", "aten::empty_like", "aten::empty",
+         "aten::contiguous"}
+
+
+def unmodelled_aten(prof) -> dict[str, int]:
+    """ATen ops that ran inside the protoseg calls on pixel-sized tensors (views and uninitialised
+    allocations aside): name -> calls."""
+    out: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.name in VIEWS or e.cpu_parent is None:
+            continue
+        if e.cpu_parent.name.startswith("aten::"):
+            continue  # count the outermost ATen op only
+        if any(shape and shape[0] == N for shape in e.input_shapes if isinstance(shape, list)):
+            out[e.name] += 1
+    return dict(out)
+
+
+def run_case(emu, case: str, fn, k: int, mode: str):
+    dtype, float_gemm = MODES[mode]
+    x = torch.empty(N, D, dtype=dtype)  # never touched: nothing executes
+    p = torch.randn(k, M, D).to(dtype)
+    labels = torch.zeros(N, dtype=torch.int64)
+    emu.take_records()
+    emu.set_record_only(True)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            with torch.profiler.record_function("protoseg_case"):
+                fn(emu, x, p, labels)
+    finally:
+        emu.set_record_only(False)
+    records = emu.take_records()
+    km = k * M
+    print(f"\n{case}, K*M = {km}, {mode}: N = {N}, D = {D}, {len(records)} launches and GEMMs")
+    rows = defaultdict(lambda: [0, 0.0, 0.0, {g: 0.0 for g in GPUS}])
+    for r in records:
+        row = rows[r[0].replace("protoseg::cuda::", "")]
+        row[0] += 1
+        row[1] += r[1] + r[2]
+        row[2] += r[3]
+        for g, gpu in GPUS.items():
+            row[3][g] += bound(r, gpu, float_gemm)
+    head = f"  {'kernel':42s} {'calls':>6s} {'GB':>8s} {'GFLOP':>9s}" + "".join(f" {g + ' ms':>12s}" for g in GPUS)
+    print(head)
+    totals = {g: 0.0 for g in GPUS}
+    gemms = {g: 0.0 for g in GPUS}
+    for name, (calls, nbytes, flops, times) in sorted(rows.items(), key=lambda kv: -kv[1][3]["H100 SXM"]):
+        print(f"  {name:42s} {calls:6d} {nbytes / 1e9:8.2f} {flops / 1e9:9.1f}"
+              + "".join(f" {times[g] * 1e3:12.3f}" for g in GPUS))
+        for g in GPUS:
+            totals[g] += times[g]
+            if name.startswith("gemm"):
+                gemms[g] += times[g]
+    floors = {g: floor(case, x, km, gpu, float_gemm) for g, gpu in GPUS.items()}
+    print(f"  {'total':42s} {'':6s} {'':8s} {'':9s}" + "".join(f" {totals[g] * 1e3:12.3f}" for g in GPUS))
+    print(f"  {'floor':42s} {'':6s} {'':8s} {'':9s}" + "".join(f" {floors[g] * 1e3:12.3f}" for g in GPUS))
+    print(f"  {'total / floor':42s} {'':6s} {'':8s} {'':9s}" + "".join(f" {totals[g] / floors[g]:11.2f}x" for g in GPUS))
+    print(f"  {'total / its GEMMs':42s} {'':6s} {'':8s} {'':9s}" + "".join(f" {totals[g] / gemms[g]:11.2f}x" for g in GPUS))
+    aten = unmodelled_aten(prof)
+    if aten:
+        print("  not modelled (ATen, on pixel-sized tensors): " + ", ".join(f"{n} x{c}" for n, c in sorted(aten.items())))
+    return {g: (totals[g], floors[g], gemms[g]) for g in GPUS}
+
+
+def main() -> None:
+    emu = emulated_module.load()
+    summary = []
+    for case, fn in (("similarity", similarity), ("training step", training_step)):
+        for k in KS:
+            for mode in MODES:
+                summary.append((case, k * M, mode, run_case(emu, case, fn, k, mode)))
+    print("\nSummary (bound ms; ratio to the floor; ratio to the case's own GEMMs)")
+    print(f"  {'case':14s} {'K*M':>5s} {'mode':5s}" + "".join(f" {g + ': ms, /floor, /GEMMs':>30s}" for g in GPUS))
+    for case, km, mode, res in summary:
+        print(f"  {case:14s} {km:5d} {mode:5s}" + "".join(
+            f" {res[g][0] * 1e3:12.2f} {res[g][0] / res[g][1]:7.2f}x {res[g][0] / res[g][2]:7.2f}x" for g in GPUS))
+
+
+if __name__ == "__main__":
+    main()
