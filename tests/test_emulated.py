@@ -565,7 +565,7 @@ def test_larger_grids(emu):
 
 
 EXPECTED_KERNELS = [
-    "NormalizeParams<float>", "EpilogueParams<float>", "ScaleRowsParams<float>", "GradParams<float>",
+    "NormalizeParams<float>", "EpilogueParams<float>", "GradParams<float>",
     "GradTileParams<float>",
     "RangeCheckParams", "SegmentKeysParams", "SegmentOffsetsParams", "SegmentReduceParams<double>",
     "SegmentReduceParams<float>", "SinkhornInitParams<float>", "SinkhornScaleParams", "SinkhornStepParams",

@@ -107,8 +107,8 @@ struct PassOutputs {
 };
 
 // x [N, D] (any strides) against p_hat [K*M, D]: per chunk of rows, normalise the rows into
-// xbuf, S = xbuf p_hat^T into the tile (cuBLAS), the fused epilogue, and for `weighted` the
-// second GEMM softmax(S) p_hat plus the row scaling. Workspaces are allocated once per call and
+// xbuf, S = xbuf p_hat^T into the tile (cuBLAS), the fused epilogue (which, for `weighted`,
+// leaves the row softmax in the tile), and the second GEMM softmax(S) p_hat. Workspaces are allocated once per call and
 // reused by every chunk (same stream, so no chunk overwrites a buffer still being read).
 template <class Exec, class scalar_t>
 void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
@@ -119,8 +119,6 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
   const int64_t rows = chunk_rows(n, km, ex.tile_budget);
   auto xbuf = at::empty({rows, d}, p_hat.options());
   auto tile = at::empty({rows, km}, p_hat.options());
-  at::Tensor row_sum;
-  if (out.weighted.defined()) row_sum = at::empty({rows}, p_hat.options());
   const at::Tensor p_hat_t = p_hat.t();
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   constexpr int kRows = kEpilogueThreads / kWarpSize;
@@ -132,14 +130,12 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
     ex.gemm(s_view, xbuf.narrow(0, 0, r), p_hat_t);
     EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), r, start, k_classes, m_protos, out.scores, out.index,
                                 out.labels, out.own, out.target, out.target_logit, out.lse,
-                                row_sum.defined() ? row_sum.data_ptr<acc>() : nullptr,
+                                out.weighted.defined(),
                                 static_cast<acc>(1.0 / out.temperature)};
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
     if (out.weighted.defined()) {
       at::Tensor w_view = out.weighted.narrow(0, start, r);
       ex.gemm(w_view, s_view, p_hat);
-      ex.launch(scale_rows_kernel<acc>, grid_for(r * d, kScaleThreads), kScaleThreads, 0,
-                ScaleRowsParams<acc>{w_view.data_ptr<acc>(), r, d, row_sum.data_ptr<acc>()});
     }
   }
 }

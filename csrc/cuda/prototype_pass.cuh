@@ -53,7 +53,7 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(Normali
 template <class scalar_t>
 struct EpilogueParams {
   using acc = acc_t<scalar_t>;
-  acc* tile;  // [rows, K*M]; becomes exp((S - rowmax) / temperature) when row_sum is set
+  acc* tile;  // [rows, K*M]; becomes softmax_j(S / temperature) when softmax_tile is set
   int64_t rows, row0, num_classes, num_prototypes;
   scalar_t* scores;        // [N, K] max over the class's M prototypes
   int64_t* index;          // [N, K] argmax, ties to the smallest m
@@ -62,7 +62,7 @@ struct EpilogueParams {
   const int64_t* target;   // [N] for `target_logit`; entries outside [0, K*M) give 0
   acc* target_logit;       // [N]
   acc* lse;                // [N] logsumexp_j S[n, j] / temperature
-  acc* row_sum;            // [rows] sum_j exp((S - max) / temperature), for the second GEMM
+  bool softmax_tile;       // rewrite the tile as the row softmax, for the second GEMM (needs lse)
   acc inv_temperature;
 };
 
@@ -109,44 +109,27 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
       for (int64_t j = lane; j < km; j += kWarpSize) mx = ps::max(mx, s[j]);
       mx = warp_max(mx);
       acc sum = 0;
-      if (p.row_sum != nullptr) {
-        // exp in place (each lane rewrites only the entries it read): the tile becomes the
-        // unnormalised softmax that the second GEMM multiplies by p_hat.
+      if (p.softmax_tile) {
+        // exp in place, then divided by the row sum (each lane rewrites only the entries it
+        // read): the tile becomes the softmax that the second GEMM multiplies by p_hat, so
+        // `weighted` needs no pass of its own over [rows, D] afterwards.
 #pragma unroll 1
         for (int64_t j = lane; j < km; j += kWarpSize) {
           const acc e = ps::exp((s[j] - mx) * p.inv_temperature);
           s[j] = e;
           sum += e;
         }
+        sum = warp_sum(sum);
+        const acc inv = acc(1) / sum;
+#pragma unroll 1
+        for (int64_t j = lane; j < km; j += kWarpSize) s[j] *= inv;
       } else {
 #pragma unroll 1
         for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * p.inv_temperature);
+        sum = warp_sum(sum);
       }
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        p.lse[n] = mx * p.inv_temperature + ps::log(sum);
-        if (p.row_sum != nullptr) p.row_sum[row] = sum;
-      }
+      if (lane == 0) p.lse[n] = mx * p.inv_temperature + ps::log(sum);
     }
-  }
-}
-
-// ---- weighted[r, :] *= 1 / row_sum[r] after the second GEMM ---------------------------------
-template <class acc>
-struct ScaleRowsParams {
-  acc* w;  // [rows, d] contiguous
-  int64_t rows, d;
-  const acc* row_sum;  // [rows]
-};
-
-constexpr int kScaleThreads = 256;
-
-template <class acc>
-PS_GLOBAL void PS_LAUNCH_BOUNDS(kScaleThreads) scale_rows_kernel(ScaleRowsParams<acc> p) {
-  const int64_t total = p.rows * p.d;
-  for (int64_t i = int64_t(blockIdx.x) * kScaleThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kScaleThreads) {
-    const acc inv = acc(1) / p.row_sum[i / p.d];
-    p.w[i] *= inv;
   }
 }
 

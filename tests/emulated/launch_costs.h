@@ -48,20 +48,14 @@ LaunchCost launch_cost(const EpilogueParams<T>& p) {
   using acc = acc_t<T>;
   using namespace costs;
   const double r = p.rows, km = double(p.num_classes) * p.num_prototypes;
-  const bool training = p.row_sum != nullptr;
+  const bool training = p.softmax_tile;
   LaunchCost c;
   c.read = r * km * bytes<acc>() + if_set(p.labels, r * kIndex) + if_set(p.target, r * kIndex);
   c.written = if_set(p.scores, r * p.num_classes * bytes<T>()) + if_set(p.index, r * p.num_classes * kIndex) +
               if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.target_logit, r * bytes<acc>()) +
-              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() + r * bytes<acc>() : 0.0);
-  c.flops = r * km * (p.lse != nullptr ? 5 : 1);
+              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() : 0.0);
+  c.flops = r * km * (training ? 6 : p.lse != nullptr ? 5 : 1);
   return c;
-}
-
-template <class acc>
-LaunchCost launch_cost(const ScaleRowsParams<acc>& p) {
-  const double e = double(p.rows) * p.d;
-  return {e * sizeof(acc) + p.rows * sizeof(acc), e * sizeof(acc), e};
 }
 
 template <class T>
