@@ -14,12 +14,14 @@ namespace cuda {
 
 // ---- row normalisation: out[r, :] = x[r, :] / max(||x[r, :]||, eps) in acc_t ---------------
 // One warp per row (D is a few hundred: 32 lanes stride over it); the squared norm is a
-// butterfly sum so every lane holds it.
+// butterfly sum so every lane holds it. Either output may be null: with `out` null only the
+// reciprocal norms are written (the pass then multiplies x itself and scales in the epilogue).
 template <class scalar_t>
 struct NormalizeParams {
   const scalar_t* x;  // row 0 of the chunk
   int64_t rows, d, stride_row, stride_col;
-  acc_t<scalar_t>* out;  // [rows, d] contiguous
+  acc_t<scalar_t>* out;       // [rows, d] contiguous, or null
+  acc_t<scalar_t>* inv_norm;  // [rows] 1 / max(||x||, eps), or null
 };
 
 constexpr int kNormalizeThreads = 256;
@@ -42,6 +44,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(Normali
     // slow-path calls made ptxas spill registers here (checked by tests/test_cuda_build.py).
     const acc eps = static_cast<acc>(kNormEps);
     const acc inv = ss > eps * eps ? ps::rsqrt(ss) : acc(1) / eps;
+    if (p.inv_norm != nullptr && lane == 0) p.inv_norm[row] = inv;
+    if (p.out == nullptr) continue;
     acc* out = p.out + row * p.d;
     for (int64_t c = lane; c < p.d; c += kWarpSize) out[c] = static_cast<acc>(xr[c * p.stride_col]) * inv;
   }
@@ -53,7 +57,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(Normali
 template <class scalar_t>
 struct EpilogueParams {
   using acc = acc_t<scalar_t>;
-  acc* tile;  // [rows, K*M]; becomes softmax_j(S / temperature) when softmax_tile is set
+  acc* tile;  // [rows, K*M] products; becomes softmax_j(S / temperature) when softmax_tile is set
+  const acc* inv_norm;     // [rows] 1 / ||x|| when the tile holds products with raw x, or null
   int64_t rows, row0, num_classes, num_prototypes;
   scalar_t* scores;        // [N, K] max over the class's M prototypes
   int64_t* index;          // [N, K] argmax, ties to the smallest m
@@ -78,6 +83,9 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     const int64_t n = p.row0 + row;
     acc* s = p.tile + row * km;
+    // S = (x p_hat^T) / ||x||: the scale is positive, so the max and argmax of the raw products
+    // are those of S; every value read out is scaled.
+    const acc scale = p.inv_norm != nullptr ? p.inv_norm[row] : acc(1);
     if (p.scores != nullptr || p.index != nullptr) {
       for (int64_t k = lane; k < k_classes; k += kWarpSize) {
         const acc* sk = s + k * m_protos;
@@ -91,23 +99,24 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
             arg = m;
           }
         }
-        if (p.scores != nullptr) p.scores[n * k_classes + k] = static_cast<scalar_t>(best);
+        if (p.scores != nullptr) p.scores[n * k_classes + k] = static_cast<scalar_t>(best * scale);
         if (p.index != nullptr) p.index[n * k_classes + k] = arg;
       }
     }
     if (p.own != nullptr) {
       const int64_t y = p.labels[n];
       const bool valid = y >= 0 && y < k_classes;
-      for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] : acc(0);
+      for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] * scale : acc(0);
     }
     if (p.target_logit != nullptr && lane == 0) {
       const int64_t t = p.target[n];
-      p.target_logit[n] = (t >= 0 && t < km) ? s[t] : acc(0);
+      p.target_logit[n] = (t >= 0 && t < km) ? s[t] * scale : acc(0);
     }
     if (p.lse != nullptr) {
       acc mx = -ps::infinity<acc>();
       for (int64_t j = lane; j < km; j += kWarpSize) mx = ps::max(mx, s[j]);
       mx = warp_max(mx);
+      const acc factor = scale * p.inv_temperature;
       acc sum = 0;
       if (p.softmax_tile) {
         // exp in place, then divided by the row sum (each lane rewrites only the entries it
@@ -115,7 +124,7 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
         // `weighted` needs no pass of its own over [rows, D] afterwards.
 #pragma unroll 1
         for (int64_t j = lane; j < km; j += kWarpSize) {
-          const acc e = ps::exp((s[j] - mx) * p.inv_temperature);
+          const acc e = ps::exp((s[j] - mx) * factor);
           s[j] = e;
           sum += e;
         }
@@ -125,10 +134,10 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
         for (int64_t j = lane; j < km; j += kWarpSize) s[j] *= inv;
       } else {
 #pragma unroll 1
-        for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * p.inv_temperature);
+        for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * factor);
         sum = warp_sum(sum);
       }
-      if (lane == 0) p.lse[n] = mx * p.inv_temperature + ps::log(sum);
+      if (lane == 0) p.lse[n] = mx * factor + ps::log(sum);
     }
   }
 }
