@@ -2,8 +2,8 @@
 // proto_train) and of the gradient assembly their backward ops share.
 //
 // Layouts: x [N, D] scalar_t with strides (sx0, sx1); p_hat [K*M, D] acc_t row-major, unit
-// rows; the tile S [rows, K*M] acc_t row-major, produced by cuBLAS (at::mm_out) from the
-// normalised rows. All pixel and element indices are int64: N * D and N * K * M pass 2^31 at
+// rows; the tile [rows, K*M] acc_t row-major, produced by cuBLAS from x (float32/float64, the
+// epilogue then applies 1 / ||x||) or from the normalised rows (half precision). All pixel and element indices are int64: N * D and N * K * M pass 2^31 at
 // the sizes we target (N = 1M, D = 720, K*M = 8470).
 #pragma once
 
