@@ -26,14 +26,10 @@
   template __global__ void protoseg::cuda::pass_epilogue_kernel<T>(protoseg::cuda::EpilogueParams<T>);            \
   template __global__ void protoseg::cuda::grad_tile_kernel<T>(protoseg::cuda::GradTileParams<T>);             \
   template __global__ void protoseg::cuda::assemble_grad_kernel<T>(protoseg::cuda::GradParams<T>);
-#define PROTOSEG_INSTANTIATE_SCALE_(T) \
-  template __global__ void protoseg::cuda::scale_rows_kernel<T>(protoseg::cuda::ScaleRowsParams<T>);
 #define PROTOSEG_INSTANTIATE_RANGE_CHECK()                                                         \
   template __global__ void protoseg::cuda::range_check_kernel<protoseg::cuda::kRangeCheckThreads>( \
       protoseg::cuda::RangeCheckParams);
-#define PROTOSEG_INSTANTIATE_PASS_ONLY()                  \
-  PROTOSEG_FOR_FLOATING_TYPES(PROTOSEG_INSTANTIATE_PASS_) \
-  PROTOSEG_FOR_ACC_TYPES(PROTOSEG_INSTANTIATE_SCALE_)
+#define PROTOSEG_INSTANTIATE_PASS_ONLY() PROTOSEG_FOR_FLOATING_TYPES(PROTOSEG_INSTANTIATE_PASS_)
 #define PROTOSEG_INSTANTIATE_PASS_KERNELS() \
   PROTOSEG_INSTANTIATE_PASS_ONLY()          \
   PROTOSEG_INSTANTIATE_RANGE_CHECK()

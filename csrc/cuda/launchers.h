@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 #include "layer_norm_normalize.h"
@@ -85,7 +86,8 @@ at::Tensor normalized_prototypes(Exec& ex, const at::Tensor& prototypes) {
   const int64_t d = prototypes.size(2);
   const auto p = prototypes.reshape({-1, d});
   at::Tensor out = at::empty({p.size(0), d}, p.options().dtype(c10::CppTypeToScalarType<acc>::value));
-  NormalizeParams<scalar_t> np{p.data_ptr<scalar_t>(), p.size(0), d, p.stride(0), p.stride(1), out.data_ptr<acc>()};
+  NormalizeParams<scalar_t> np{p.data_ptr<scalar_t>(), p.size(0), d, p.stride(0), p.stride(1), out.data_ptr<acc>(),
+                               nullptr};
   constexpr int kRows = kNormalizeThreads / kWarpSize;
   ex.launch(normalize_rows_kernel<scalar_t>, grid_for(p.size(0), kRows), kNormalizeThreads, 0, np);
   return out;
@@ -106,40 +108,40 @@ struct PassOutputs {
   double temperature = 1.0;
 };
 
-// x [N, D] (any strides) against p_hat [K*M, D]: per chunk of rows, normalise the rows into
-// xbuf, S = xbuf p_hat^T into the tile (cuBLAS), the fused epilogue, and for `weighted` the
-// second GEMM softmax(S) p_hat plus the row scaling. Workspaces are allocated once per call and
-// reused by every chunk (same stream, so no chunk overwrites a buffer still being read).
+// x [N, D] (any strides) against p_hat [K*M, D], per chunk of rows: the tile of products
+// (cuBLAS), the fused epilogue (which, for `weighted`, leaves the row softmax in the tile), and
+// the second GEMM softmax(S) p_hat. In float32/float64 the GEMM reads x itself and the epilogue
+// scales each row by 1 / ||x|| (only the reciprocal norms are written first); half-precision x
+// is normalised into an acc_t buffer, the GEMMs' input type. Workspaces are allocated once per
+// call and reused by every chunk (same stream, so no chunk overwrites a buffer still being read).
 template <class Exec, class scalar_t>
 void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
                     const PassOutputs<scalar_t>& out) {
   using acc = acc_t<scalar_t>;
+  constexpr bool kRawRows = std::is_same_v<scalar_t, acc>;
   const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
   const int64_t rows = chunk_rows(n, km, ex.tile_budget);
-  auto xbuf = at::empty({rows, d}, p_hat.options());
+  auto xbuf = kRawRows ? at::Tensor() : at::empty({rows, d}, p_hat.options());
+  auto inv_norm = kRawRows ? at::empty({rows}, p_hat.options()) : at::Tensor();
   auto tile = at::empty({rows, km}, p_hat.options());
-  at::Tensor row_sum;
-  if (out.weighted.defined()) row_sum = at::empty({rows}, p_hat.options());
   const at::Tensor p_hat_t = p_hat.t();
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   constexpr int kRows = kEpilogueThreads / kWarpSize;
   for (int64_t start = 0; start < n; start += rows) {
     const int64_t r = std::min(rows, n - start);
-    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), xbuf.data_ptr<acc>()};
+    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), ptr_or_null<acc>(xbuf),
+                                 ptr_or_null<acc>(inv_norm)};
     ex.launch(normalize_rows_kernel<scalar_t>, grid_for(r, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
     auto s_view = tile.narrow(0, 0, r);
-    ex.gemm(s_view, xbuf.narrow(0, 0, r), p_hat_t);
-    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), r, start, k_classes, m_protos, out.scores, out.index,
-                                out.labels, out.own, out.target, out.target_logit, out.lse,
-                                row_sum.defined() ? row_sum.data_ptr<acc>() : nullptr,
-                                static_cast<acc>(1.0 / out.temperature)};
+    ex.gemm(s_view, kRawRows ? x.narrow(0, start, r) : xbuf.narrow(0, 0, r), p_hat_t);
+    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), ptr_or_null<acc>(inv_norm), r, start, k_classes, m_protos,
+                                out.scores, out.index, out.labels, out.own, out.target, out.target_logit, out.lse,
+                                out.weighted.defined(), static_cast<acc>(1.0 / out.temperature)};
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
     if (out.weighted.defined()) {
       at::Tensor w_view = out.weighted.narrow(0, start, r);
       ex.gemm(w_view, s_view, p_hat);
-      ex.launch(scale_rows_kernel<acc>, grid_for(r * d, kScaleThreads), kScaleThreads, 0,
-                ScaleRowsParams<acc>{w_view.data_ptr<acc>(), r, d, row_sum.data_ptr<acc>()});
     }
   }
 }

@@ -2,8 +2,8 @@
 // proto_train) and of the gradient assembly their backward ops share.
 //
 // Layouts: x [N, D] scalar_t with strides (sx0, sx1); p_hat [K*M, D] acc_t row-major, unit
-// rows; the tile S [rows, K*M] acc_t row-major, produced by cuBLAS (at::mm_out) from the
-// normalised rows. All pixel and element indices are int64: N * D and N * K * M pass 2^31 at
+// rows; the tile [rows, K*M] acc_t row-major, produced by cuBLAS from x (float32/float64, the
+// epilogue then applies 1 / ||x||) or from the normalised rows (half precision). All pixel and element indices are int64: N * D and N * K * M pass 2^31 at
 // the sizes we target (N = 1M, D = 720, K*M = 8470).
 #pragma once
 
@@ -14,12 +14,14 @@ namespace cuda {
 
 // ---- row normalisation: out[r, :] = x[r, :] / max(||x[r, :]||, eps) in acc_t ---------------
 // One warp per row (D is a few hundred: 32 lanes stride over it); the squared norm is a
-// butterfly sum so every lane holds it.
+// butterfly sum so every lane holds it. Either output may be null: with `out` null only the
+// reciprocal norms are written (the pass then multiplies x itself and scales in the epilogue).
 template <class scalar_t>
 struct NormalizeParams {
   const scalar_t* x;  // row 0 of the chunk
   int64_t rows, d, stride_row, stride_col;
-  acc_t<scalar_t>* out;  // [rows, d] contiguous
+  acc_t<scalar_t>* out;       // [rows, d] contiguous, or null
+  acc_t<scalar_t>* inv_norm;  // [rows] 1 / max(||x||, eps), or null
 };
 
 constexpr int kNormalizeThreads = 256;
@@ -42,6 +44,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(Normali
     // slow-path calls made ptxas spill registers here (checked by tests/test_cuda_build.py).
     const acc eps = static_cast<acc>(kNormEps);
     const acc inv = ss > eps * eps ? ps::rsqrt(ss) : acc(1) / eps;
+    if (p.inv_norm != nullptr && lane == 0) p.inv_norm[row] = inv;
+    if (p.out == nullptr) continue;
     acc* out = p.out + row * p.d;
     for (int64_t c = lane; c < p.d; c += kWarpSize) out[c] = static_cast<acc>(xr[c * p.stride_col]) * inv;
   }
@@ -53,7 +57,8 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kNormalizeThreads) normalize_rows_kernel(Normali
 template <class scalar_t>
 struct EpilogueParams {
   using acc = acc_t<scalar_t>;
-  acc* tile;  // [rows, K*M]; becomes exp((S - rowmax) / temperature) when row_sum is set
+  acc* tile;  // [rows, K*M] products; becomes softmax_j(S / temperature) when softmax_tile is set
+  const acc* inv_norm;     // [rows] 1 / ||x|| when the tile holds products with raw x, or null
   int64_t rows, row0, num_classes, num_prototypes;
   scalar_t* scores;        // [N, K] max over the class's M prototypes
   int64_t* index;          // [N, K] argmax, ties to the smallest m
@@ -62,7 +67,7 @@ struct EpilogueParams {
   const int64_t* target;   // [N] for `target_logit`; entries outside [0, K*M) give 0
   acc* target_logit;       // [N]
   acc* lse;                // [N] logsumexp_j S[n, j] / temperature
-  acc* row_sum;            // [rows] sum_j exp((S - max) / temperature), for the second GEMM
+  bool softmax_tile;       // rewrite the tile as the row softmax, for the second GEMM (needs lse)
   acc inv_temperature;
 };
 
@@ -78,6 +83,9 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     const int64_t n = p.row0 + row;
     acc* s = p.tile + row * km;
+    // S = (x p_hat^T) / ||x||: the scale is positive, so the max and argmax of the raw products
+    // are those of S; every value read out is scaled.
+    const acc scale = p.inv_norm != nullptr ? p.inv_norm[row] : acc(1);
     if (p.scores != nullptr || p.index != nullptr) {
       for (int64_t k = lane; k < k_classes; k += kWarpSize) {
         const acc* sk = s + k * m_protos;
@@ -91,62 +99,46 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
             arg = m;
           }
         }
-        if (p.scores != nullptr) p.scores[n * k_classes + k] = static_cast<scalar_t>(best);
+        if (p.scores != nullptr) p.scores[n * k_classes + k] = static_cast<scalar_t>(best * scale);
         if (p.index != nullptr) p.index[n * k_classes + k] = arg;
       }
     }
     if (p.own != nullptr) {
       const int64_t y = p.labels[n];
       const bool valid = y >= 0 && y < k_classes;
-      for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] : acc(0);
+      for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] * scale : acc(0);
     }
     if (p.target_logit != nullptr && lane == 0) {
       const int64_t t = p.target[n];
-      p.target_logit[n] = (t >= 0 && t < km) ? s[t] : acc(0);
+      p.target_logit[n] = (t >= 0 && t < km) ? s[t] * scale : acc(0);
     }
     if (p.lse != nullptr) {
       acc mx = -ps::infinity<acc>();
       for (int64_t j = lane; j < km; j += kWarpSize) mx = ps::max(mx, s[j]);
       mx = warp_max(mx);
+      const acc factor = scale * p.inv_temperature;
       acc sum = 0;
-      if (p.row_sum != nullptr) {
-        // exp in place (each lane rewrites only the entries it read): the tile becomes the
-        // unnormalised softmax that the second GEMM multiplies by p_hat.
+      if (p.softmax_tile) {
+        // exp in place, then divided by the row sum (each lane rewrites only the entries it
+        // read): the tile becomes the softmax that the second GEMM multiplies by p_hat, so
+        // `weighted` needs no pass of its own over [rows, D] afterwards.
 #pragma unroll 1
         for (int64_t j = lane; j < km; j += kWarpSize) {
-          const acc e = ps::exp((s[j] - mx) * p.inv_temperature);
+          const acc e = ps::exp((s[j] - mx) * factor);
           s[j] = e;
           sum += e;
         }
+        sum = warp_sum(sum);
+        const acc inv = acc(1) / sum;
+#pragma unroll 1
+        for (int64_t j = lane; j < km; j += kWarpSize) s[j] *= inv;
       } else {
 #pragma unroll 1
-        for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * p.inv_temperature);
+        for (int64_t j = lane; j < km; j += kWarpSize) sum += ps::exp((s[j] - mx) * factor);
+        sum = warp_sum(sum);
       }
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        p.lse[n] = mx * p.inv_temperature + ps::log(sum);
-        if (p.row_sum != nullptr) p.row_sum[row] = sum;
-      }
+      if (lane == 0) p.lse[n] = mx * factor + ps::log(sum);
     }
-  }
-}
-
-// ---- weighted[r, :] *= 1 / row_sum[r] after the second GEMM ---------------------------------
-template <class acc>
-struct ScaleRowsParams {
-  acc* w;  // [rows, d] contiguous
-  int64_t rows, d;
-  const acc* row_sum;  // [rows]
-};
-
-constexpr int kScaleThreads = 256;
-
-template <class acc>
-PS_GLOBAL void PS_LAUNCH_BOUNDS(kScaleThreads) scale_rows_kernel(ScaleRowsParams<acc> p) {
-  const int64_t total = p.rows * p.d;
-  for (int64_t i = int64_t(blockIdx.x) * kScaleThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kScaleThreads) {
-    const acc inv = acc(1) / p.row_sum[i / p.d];
-    p.w[i] *= inv;
   }
 }
 

@@ -39,8 +39,10 @@ double if_set(const T* p, double v) {
 
 template <class T>
 LaunchCost launch_cost(const NormalizeParams<T>& p) {
+  using acc = acc_t<T>;
   const double e = double(p.rows) * p.d;
-  return {e * costs::bytes<T>(), e * costs::bytes<acc_t<T>>(), 4 * e};
+  return {e * costs::bytes<T>(), costs::if_set(p.out, e * costs::bytes<acc>()) + costs::if_set(p.inv_norm, p.rows * costs::bytes<acc>()),
+          costs::if_set(p.out, e) + 3 * e};
 }
 
 template <class T>
@@ -48,20 +50,15 @@ LaunchCost launch_cost(const EpilogueParams<T>& p) {
   using acc = acc_t<T>;
   using namespace costs;
   const double r = p.rows, km = double(p.num_classes) * p.num_prototypes;
-  const bool training = p.row_sum != nullptr;
+  const bool training = p.softmax_tile;
   LaunchCost c;
-  c.read = r * km * bytes<acc>() + if_set(p.labels, r * kIndex) + if_set(p.target, r * kIndex);
+  c.read = r * km * bytes<acc>() + if_set(p.inv_norm, r * bytes<acc>()) + if_set(p.labels, r * kIndex) +
+           if_set(p.target, r * kIndex);
   c.written = if_set(p.scores, r * p.num_classes * bytes<T>()) + if_set(p.index, r * p.num_classes * kIndex) +
               if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.target_logit, r * bytes<acc>()) +
-              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() + r * bytes<acc>() : 0.0);
-  c.flops = r * km * (p.lse != nullptr ? 5 : 1);
+              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() : 0.0);
+  c.flops = r * km * (training ? 6 : p.lse != nullptr ? 5 : 1);
   return c;
-}
-
-template <class acc>
-LaunchCost launch_cost(const ScaleRowsParams<acc>& p) {
-  const double e = double(p.rows) * p.d;
-  return {e * sizeof(acc) + p.rows * sizeof(acc), e * sizeof(acc), e};
 }
 
 template <class T>
