@@ -57,7 +57,8 @@ def plot_embeddings(path: str, projections: dict[str, tuple[np.ndarray, np.ndarr
     fig = _figure(EMBEDDING_SIZE)
     axes = fig.subplots(1, len(projections))
     for ax, (name, (pixels, protos)) in zip(np.atleast_1d(axes), projections.items()):
-        ax.scatter(pixels[:, 0], pixels[:, 1], c=colours[labels], s=4, alpha=0.5, linewidths=0)
+        # opaque enough that a black (background) dot does not read as grey, another class's colour
+        ax.scatter(pixels[:, 0], pixels[:, 1], c=colours[labels], s=5, alpha=0.85, linewidths=0)
         ax.scatter(protos[:, 0], protos[:, 1], c=colours[prototype_classes], s=140, marker="*",
                    edgecolors="black", linewidths=0.8)
         ax.set_title(f"{name}: {len(pixels)} val pixels (dots), {len(protos)} prototypes (stars)")
