@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn matplotlib==3.11.2 pyyaml tqdm tensorboard packaging \
+	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn matplotlib==3.11.2 pyyaml tqdm \
+		tensorboard packaging \
 		pytest pytest-benchmark expecttest hypothesis ninja cmake cityscapesscripts==2.3.0
 	touch $(STAMP)
 

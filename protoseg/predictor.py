@@ -77,7 +77,8 @@ class Predictor:
                 scores, open_set = result if return_score else (result, None)
                 outputs = [scores.argmax(dim=1).cpu().numpy()]
                 if return_probs:
-                    outputs.append((scores.softmax(dim=1) if num_views(self.cfg.test) == 1 else scores).cpu().numpy())
+                    probs = scores.softmax(dim=1) if num_views(self.cfg.test) == 1 else scores
+                    outputs.append(probs.cpu().numpy())
                 if return_score:
                     outputs.append(open_set.cpu().numpy())
                 for j, i in enumerate(chunk):

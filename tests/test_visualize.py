@@ -32,7 +32,8 @@ def test_visualize_writes_four_labelled_pngs_of_the_expected_size(tiny_checkpoin
         image = cv2.imread(str(out / name), cv2.IMREAD_COLOR)
         assert image is not None and image.shape == (height, width, 3), name
         assert image.std() > 10, f"{name} is blank"
-    result = _run(tool_command("visualize.py", tiny_checkpoint("model.classifier=softmax"), "--out", str(out)))
+    softmax = tiny_checkpoint("model.classifier=softmax")
+    result = _run(tool_command("visualize.py", softmax, "--out", str(out)))
     assert result.returncode == 2 and "is a softmax model" in result.stderr
 
 

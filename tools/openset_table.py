@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
         if "anomaly" not in results:
-            print(f"error: {path} has no open-set results (run tools/test.py with --anomaly)", file=sys.stderr)
+            print(f"error: {path} has no open-set results (run tools/test.py with --anomaly)",
+                  file=sys.stderr)
             return 2
         runs.append((name, results))
     if not runs:

@@ -122,7 +122,8 @@ def main() -> int:
             results["anomaly"] = anomaly.evaluate()
         if model.uses_prototypes:
             counts = val_usage(model, loader, device, cfg.train.amp)
-            results["prototypes"] = usage_statistics(counts, model.classifier.prototypes, evaluator.class_names)
+            results["prototypes"] = usage_statistics(counts, model.classifier.prototypes,
+                                                     evaluator.class_names)
         if rank == 0:
             print(f"{args.checkpoint} (iteration {state.get('iteration')}) on {len(loader.dataset)} images, "
                   f"{protocol}: {elapsed:.1f} s")

@@ -31,16 +31,19 @@ from protoseg.data.datasets import class_names, read_image  # noqa: E402
 from protoseg.data.loader import build_val_loader, prepare_data  # noqa: E402
 from protoseg.engine.checkpoint import load_run  # noqa: E402
 from protoseg.engine.predict import eval_batches, pad_to_multiple, size_divisor  # noqa: E402
-from protoseg.engine.prototypes import feature_labels, format_statistics, usage_statistics, val_usage  # noqa: E402
+from protoseg.engine.prototypes import (feature_labels, format_statistics, usage_statistics,  # noqa: E402
+                                        val_usage)
 from protoseg.models.segmentor import load_trained_model  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs")
-    parser.add_argument("--images", type=int, default=4, metavar="N", help="val images in the per-image figures")
+    parser.add_argument("--images", type=int, default=4, metavar="N",
+                        help="val images in the per-image figures")
     parser.add_argument("--points", type=int, default=2000, metavar="P",
                         help="val pixels embedded by PCA and t-SNE (an equal quota per class)")
     parser.add_argument("--scan", type=int, default=64, metavar="S",
@@ -115,7 +118,8 @@ def collect(model, loader, num_classes: int, scan: int, images: int):
             if len(rows) < images:
                 rows.append({"image": read_image(loader.dataset.pairs[index][0]),
                              "label": batch["labels"][i].numpy(), "pred": pred[i].numpy(),
-                             "nearest": nearest[i, :h, :w].numpy(), "nearest_class": pred_feature[i, :h, :w].numpy(),
+                             "nearest": nearest[i, :h, :w].numpy(),
+                             "nearest_class": pred_feature[i, :h, :w].numpy(),
                              "similarity": similarity[i].numpy()})
         seen += count
     return embeddings, labels, rows

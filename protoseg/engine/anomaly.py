@@ -28,7 +28,8 @@ def anomaly_metrics(score: np.ndarray, unknown: np.ndarray) -> dict:
                          f"{unknown.size}); does the val split label unseen classes with data.unknown_index?")
     # Every threshold kept: dropping collinear points could skip the one where TPR reaches 95%.
     fpr, tpr, _ = roc_curve(unknown, score, drop_intermediate=False)
-    return {"AUROC": float(roc_auc_score(unknown, score)), "AP": float(average_precision_score(unknown, score)),
+    return {"AUROC": float(roc_auc_score(unknown, score)),
+            "AP": float(average_precision_score(unknown, score)),
             "FPR@95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
             "unknown_pixels": positives, "known_pixels": int(unknown.size - positives)}
 
@@ -40,7 +41,8 @@ class AnomalyEvaluator:
     kept (a seeded uniform sample), which bounds memory on large images; `evaluate` gathers
     the ranks' pixels."""
 
-    def __init__(self, num_classes: int, unknown_index: int, max_pixels_per_image: int = 50_000, seed: int = 0):
+    def __init__(self, num_classes: int, unknown_index: int, max_pixels_per_image: int = 50_000,
+                 seed: int = 0):
         if unknown_index < num_classes:
             raise ValueError(f"unknown_index must be a label value outside [0, {num_classes}) "
                              f"(got {unknown_index}; set data.unknown_index)")
@@ -65,7 +67,8 @@ class AnomalyEvaluator:
             self.unknown.append(unknown[keep])
 
     def evaluate(self) -> dict:
-        parts = (np.concatenate(self.scores or [np.zeros(0)]), np.concatenate(self.unknown or [np.zeros(0, bool)]))
+        parts = (np.concatenate(self.scores or [np.zeros(0)]),
+                 np.concatenate(self.unknown or [np.zeros(0, bool)]))
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, parts)

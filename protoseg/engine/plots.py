@@ -141,7 +141,8 @@ def plot_usage(path: str, stats: dict, title: str) -> None:
     _save(fig, path)
 
 
-def plot_similarity(path: str, rows: list[dict], class_names: list[str], ignore_index: int, title: str) -> None:
+def plot_similarity(path: str, rows: list[dict], class_names: list[str], ignore_index: int,
+                    title: str) -> None:
     """For each image (rows: "image", "label", "similarity" [H, W] the largest cosine to any
     prototype): the image, the ground truth and the similarity as a heat map with its scale."""
     colours = palette(len(class_names))

@@ -30,15 +30,17 @@ def usage_statistics(counts: Tensor, prototypes: Tensor, class_names: list[str])
     counts = counts.detach().double().cpu()
     k, m = counts.shape
     if prototypes.shape[:2] != (k, m):
-        raise ValueError(f"prototypes must be [K, M, D] = [{k}, {m}, D] like counts (got {list(prototypes.shape)})")
+        raise ValueError(f"prototypes must be [K, M, D] = [{k}, {m}, D] like counts "
+                         f"(got {list(prototypes.shape)})")
     unit = F.normalize(prototypes.detach().double().cpu(), dim=-1)
     gram = unit @ unit.transpose(1, 2)  # [K, M, M]
-    pairs = m * (m - 1) / 2
-    cosine = (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / 2 / pairs if m > 1 else torch.full((k,), math.nan)
+    off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)  # each pair twice
+    cosine = off_diagonal / (m * (m - 1)) if m > 1 else torch.full((k,), math.nan)
     pixels = counts.sum(1)
     shares = counts / pixels.clamp(min=1).unsqueeze(1)
     # p log(1/p) rather than -p log p: a single prototype gives 0.0, not -0.0
-    terms = torch.where(shares > 0, shares * shares.clamp(min=1e-300).reciprocal().log(), torch.zeros_like(shares))
+    terms = torch.where(shares > 0, shares * shares.clamp(min=1e-300).reciprocal().log(),
+                        torch.zeros_like(shares))
     entropy = terms.sum(1) / math.log(m) if m > 1 else torch.full((k,), math.nan)
     entropy = torch.where(pixels > 0, entropy, torch.full_like(entropy, math.nan))
     dead = (counts == 0).sum(1)
@@ -62,9 +64,11 @@ def usage_statistics(counts: Tensor, prototypes: Tensor, class_names: list[str])
 def format_statistics(stats: dict) -> str:
     """One line: prototypes: usage entropy 0.83 (min 0.41, class 7), dead 3/110, intra-class
     cosine 0.38."""
-    low = f" (min {stats['entropy_min']:.2f}, class {stats['entropy_min_class']})" if stats["entropy_min_class"] else ""
-    return (f"prototypes: usage entropy {stats['entropy']:.2f}{low}, dead {stats['dead']}/{stats['prototypes']}, "
-            f"intra-class cosine {stats['cosine']:.2f}")
+    low = ""
+    if stats["entropy_min_class"]:
+        low = f" (min {stats['entropy_min']:.2f}, class {stats['entropy_min_class']})"
+    return (f"prototypes: usage entropy {stats['entropy']:.2f}{low}, "
+            f"dead {stats['dead']}/{stats['prototypes']}, intra-class cosine {stats['cosine']:.2f}")
 
 
 def summary_scalars(stats: dict) -> dict[str, float]:

@@ -289,25 +289,26 @@ def evaluate_and_checkpoint(run: Run, iteration: int, checkpoint_now: bool = Fal
 
 
 def evaluate(run: Run, iteration: int) -> None:
+    """The val metrics and, for the prototype classifier, the prototype statistics on the val
+    pixels (a second pass over the val images: whole images, one scale, feature resolution)."""
     if not run.sync_bn:
         broadcast_batchnorm_buffers(run.model)
     results = evaluate_model(run.model, run.val_loader, run.evaluator, run.device, run.cfg.test,
                              run.cfg.train.amp)
-    stats = None
+    prototypes, printed = {}, format_table(results)
     if run.model.uses_prototypes:
         counts = val_usage(run.model, run.val_loader, run.device, run.cfg.train.amp)
         stats = usage_statistics(counts, run.model.classifier.prototypes, run.evaluator.class_names)
+        prototypes, printed = {"prototypes": stats}, f"{printed}\n{format_statistics(stats)}"
     if run.main:
-        summary = f"\n{format_statistics(stats)}" if stats else ""
-        run.log(f"\nevaluation at iteration {iteration}\n{format_table(results)}{summary}")
-        save_results({**results, "prototypes": stats} if stats else results,
-                     os.path.join(run.cfg.run_dir, "eval_results.json"))
-        run.records.write({"iter": iteration, "eval": results, **({"prototypes": stats} if stats else {})})
+        run.log(f"\nevaluation at iteration {iteration}\n{printed}")
+        save_results({**results, **prototypes}, os.path.join(run.cfg.run_dir, "eval_results.json"))
+        run.records.write({"iter": iteration, "eval": results, **prototypes})
         run.records.scalars("val", {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}, iteration)
-        if stats:
+        if prototypes:
             run.records.scalars("val_prototypes", summary_scalars(stats), iteration)
-            run.records.scalars("val_prototypes_entropy", {name: c["entropy"] for name, c in stats["classes"].items()},
-                                iteration)
+            run.records.scalars("val_prototypes_entropy",
+                                {name: c["entropy"] for name, c in stats["classes"].items()}, iteration)
 
 
 def save(run: Run, iteration: int) -> None:

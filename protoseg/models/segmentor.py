@@ -68,7 +68,8 @@ class Segmentor(nn.Module):
         # Labels at feature resolution, nearest neighbour (ignore stays ignore).
         target = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")
         scores, ppc, ppd = self.classifier(e.permute(0, 2, 3, 1).reshape(-1, d), target.long().view(-1))
-        return {"logits": _upsample(scores.view(b, h, w, -1).permute(0, 3, 1, 2), size), "ppc": ppc, "ppd": ppd}
+        logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return {"logits": _upsample(logits, size), "ppc": ppc, "ppd": ppd}
 
     def embed(self, images: Tensor) -> dict[str, Tensor]:
         """Inference of the prototype classifier at feature resolution [h, w], every map
