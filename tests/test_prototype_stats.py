@@ -1,6 +1,7 @@
 """Prototype statistics (protoseg/engine/prototypes.py) on classifiers whose answer is known by
 construction: collapsed prototypes, and prototypes on an orthogonal basis."""
 
+import copy
 import math
 
 import pytest
@@ -87,3 +88,27 @@ def test_ignored_wrong_and_unlabelled_pixels_are_not_counted():
     assert stats["entropy"] == pytest.approx(expected) and stats["prototypes"] == 2
     with pytest.raises(ValueError, match=r"prototypes must be \[K, M, D\] = \[2, 2, D\]"):
         usage_statistics(torch.zeros(2, 2), torch.randn(2, 3, 4), ["a", "b"])
+
+
+def test_a_training_step_records_its_batch_usage_in_both_implementations():
+    torch.manual_seed(0)
+    fused = PrototypeClassifier(16, 4, 3).train()
+    reference = copy.deepcopy(fused)
+    reference.impl = "reference"
+    before = copy.deepcopy(fused).eval()
+    x = torch.randn(256, 16)
+    target = torch.randint(0, 4, (256,))
+    target[:10] = 255
+    fused(x, target)
+    reference(x, target)
+    # by hand, pixel by pixel, with the prototypes the step started from
+    with torch.no_grad():
+        _, scores, nearest = before.similarity(x)
+        pred = before.mask_norm(scores).argmax(dim=1)
+    expected = torch.zeros(4, 3, dtype=torch.int64)
+    for n in range(256):
+        y = int(target[n])
+        if y != 255 and int(pred[n]) == y:
+            expected[y, int(nearest[n, y])] += 1
+    assert expected.sum() > 0
+    assert torch.equal(fused.usage, expected) and torch.equal(reference.usage, expected)
