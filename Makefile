@@ -1,5 +1,6 @@
 # make test   build everything and run the test suite (what CI runs)
 # make demo   train and evaluate ProtoSeg on the bundled DigitScenes data set (CPU, minutes)
+# make openset  train ProtoSeg and softmax on open-set DigitScenes (digits 8, 9 unseen), print the table
 # make bench  microbenchmarks (pytest-benchmark), ratios against baselines in one process
 # Each target creates .venv with pinned torch and the other dependencies when it is missing.
 # make gpu-check [OUT=dir]  on a GPU machine, with the installed $(PYTHON) (no venv): build,
@@ -17,13 +18,14 @@ CUDA_HOME ?= $(firstword $(patsubst %/lib64/libcudart.so,%,$(wildcard /usr/local
 TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: build test test-cuda demo bench gpu-check clean
+.PHONY: build test test-cuda demo openset bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn pyyaml tqdm tensorboard packaging \
+	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn matplotlib==3.11.2 pyyaml tqdm \
+		tensorboard packaging \
 		pytest pytest-benchmark expecttest hypothesis ninja cmake cityscapesscripts==2.3.0
 	touch $(STAMP)
 
@@ -56,6 +58,19 @@ demo: build
 	$(PY) tools/train.py configs/digitscenes_protoseg.yaml
 	$(PY) tools/test.py configs/digitscenes_protoseg.yaml runs/digitscenes_protoseg/checkpoint_last.pth \
 		--save-pred runs/digitscenes_protoseg/predictions --limit 32
+
+# Both classifiers on the open-set variant (configs/digitscenes_openset_*.yaml, the demo's budget
+# each), then the open-set score of each: AUROC, AP, FPR@95 and the known-class mIoU.
+OPENSET := digitscenes_openset_protoseg digitscenes_openset_softmax
+openset: export OMP_WAIT_POLICY = PASSIVE
+openset: build
+	for run in $(OPENSET); do \
+		rm -rf runs/$$run && $(PY) tools/train.py configs/$$run.yaml && \
+		$(PY) tools/test.py runs/$$run/checkpoint_last.pth --anomaly --out runs/$$run/openset_results.json \
+		|| exit 1; \
+	done
+	$(PY) tools/openset_table.py ProtoSeg=runs/digitscenes_openset_protoseg/openset_results.json \
+		softmax=runs/digitscenes_openset_softmax/openset_results.json
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-columns=mean,stddev,rounds

@@ -58,6 +58,9 @@ class DataConfig:
     val_labels: str = ""
     num_classes: int = 11
     ignore_index: int = 255
+    # Open-set evaluation: the label value of pixels of classes unseen in training (tools/test.py
+    # --anomaly); left out of the segmentation metrics like ignore. -1: the labels have none.
+    unknown_index: int = -1
     crop_size: list[int] = field(default_factory=lambda: [64, 64])  # [height, width]
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
@@ -71,6 +74,9 @@ class DataConfig:
     scenes_train: int = 2000
     scenes_val: int = 300
     scene_size: int = 64
+    # Digits absent from the training scenes and labelled unknown_index in val (open-set
+    # DigitScenes); the other digits take the class ids 1, 2, ... in order.
+    unknown_digits: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from protoseg.data.datasets import class_names, read_image
 from protoseg.data.transforms import EvalTransform
 from protoseg.engine.checkpoint import load_checkpoint
 from protoseg.engine.predict import check_test_config, num_views, predict
-from protoseg.models.segmentor import build_model
+from protoseg.models.segmentor import load_trained_model
 
 
 class Predictor:
@@ -23,6 +23,7 @@ class Predictor:
         classes = predictor.predict("scene.png")                     # [H, W] int64 class ids
         classes, probs = predictor.predict(rgb, return_probs=True)   # and [K, H, W] float32
         maps = predictor.predict(["a.png", rgb])                     # a list in, a list out
+        classes, score = predictor.predict(rgb, return_score=True)   # and [H, W] open-set score
 
     An image is a path or an [H, W, 3] uint8 RGB array, of any size. It is normalised exactly
     as for evaluation and predicted by protoseg/engine/predict.py; same-sized images of a list
@@ -32,7 +33,7 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
         check_test_config(cfg.test)
         self.model, self.cfg, self.device = model.eval(), cfg, device
-        self.class_names = class_names(cfg.data.dataset, cfg.data.num_classes)
+        self.class_names = class_names(cfg.data.dataset, cfg.data.num_classes, cfg.data.unknown_digits)
         mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
         self.transform = EvalTransform(mean, std)
 
@@ -49,16 +50,18 @@ class Predictor:
         data = dict(state["config"])
         data["test"] = {**data.get("test", {}), **test_options}
         cfg = config_from_dict(data, source=f"{path} (with test options {sorted(test_options)})")
-        cfg.model.pretrained, cfg.model.backbone_checkpoint = False, ""  # the checkpoint has every weight
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
+        model = load_trained_model(cfg, state)
         return cls(model.to(device), cfg, device)
 
-    def predict(self, image, return_probs: bool = False):
+    def predict(self, image, return_probs: bool = False, return_score: bool = False):
         """image: a path, an [H, W, 3] uint8 RGB array, or a list of either. Returns the [H, W]
         int64 class-id map at the input's size (a list of them for a list); with
-        `return_probs`, (map, [K, H, W] float32 probabilities) for each image."""
+        `return_probs` and/or `return_score`, a tuple (map, [K, H, W] float32 probabilities,
+        [H, W] float32 open-set score) of what was asked, in that order, for each image. The
+        score is higher for pixels less like any class seen in training: 1 - the largest
+        cosine to any prototype, or for a softmax model 1 - its largest probability
+        (protoseg.engine.predict.predict with open_set=True)."""
         single = not isinstance(image, (list, tuple))
         arrays = [_as_rgb(item) for item in ([image] if single else image)]
         results: list = [None] * len(arrays)
@@ -70,12 +73,16 @@ class Predictor:
             for start in range(0, len(indices), step):
                 chunk = indices[start:start + step]
                 batch = torch.stack([self.transform.image(arrays[i]) for i in chunk]).to(self.device)
-                scores = predict(self.model, batch, self.cfg.test, self.cfg.train.amp)
-                classes = scores.argmax(dim=1).cpu().numpy()
+                result = predict(self.model, batch, self.cfg.test, self.cfg.train.amp, open_set=return_score)
+                scores, open_set = result if return_score else (result, None)
+                outputs = [scores.argmax(dim=1).cpu().numpy()]
                 if return_probs:
-                    probs = (scores.softmax(dim=1) if num_views(self.cfg.test) == 1 else scores).cpu().numpy()
+                    probs = scores.softmax(dim=1) if num_views(self.cfg.test) == 1 else scores
+                    outputs.append(probs.cpu().numpy())
+                if return_score:
+                    outputs.append(open_set.cpu().numpy())
                 for j, i in enumerate(chunk):
-                    results[i] = (classes[j], probs[j]) if return_probs else classes[j]
+                    results[i] = tuple(o[j] for o in outputs) if len(outputs) > 1 else outputs[0][j]
         return results[0] if single else results
 
 

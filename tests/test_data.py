@@ -40,6 +40,38 @@ def test_digitscenes_is_deterministic_and_well_formed(tmp_path):
             assert set(np.unique(label)) <= set(range(11)) | {255}
 
 
+def test_open_set_digitscenes_keeps_unknown_digits_out_of_training_and_labels_them_in_val(tmp_path):
+    root = str(tmp_path / "open")
+    assert digitscenes.ensure_digitscenes(root, 30, 30, 32, unknown_digits=[8, 9], unknown_index=254)
+    values = {}
+    for split in ("train", "val"):
+        values[split] = set()
+        for _, label_path in dataset_pairs("digitscenes", root, split):
+            values[split] |= set(np.unique(cv2.imread(label_path, cv2.IMREAD_UNCHANGED)).tolist())
+    assert values["train"] <= set(range(9)) | {255}  # background and digits 0-7 only
+    assert 254 in values["val"] and values["val"] <= set(range(9)) | {254, 255}
+    assert digitscenes.class_names([8, 9]) == ["background"] + [str(d) for d in range(8)]
+    # the known digits keep their scenes' layout: a closed-set val scene with no 8 or 9 is the same
+    closed = str(tmp_path / "closed")
+    digitscenes.ensure_digitscenes(closed, 30, 30, 32)
+    same = 0
+    for (image, label), (closed_image, closed_label) in zip(dataset_pairs("digitscenes", root, "val"),
+                                                            dataset_pairs("digitscenes", closed, "val")):
+        a, b = cv2.imread(label, cv2.IMREAD_UNCHANGED), cv2.imread(closed_label, cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(np.where(a == 254, b, a), b)  # 254 exactly where an 8 or 9 is
+        assert set(np.unique(b[a == 254])) <= {9, 10}
+        same += open(image, "rb").read() == open(closed_image, "rb").read()
+    assert same == 30  # val scenes draw from every digit, as the closed set's do
+    with pytest.raises(ValueError, match=r"data.unknown_index in \[9, 255\)"):
+        digitscenes.ensure_digitscenes(root, 30, 30, 32, unknown_digits=[8, 9], unknown_index=3)
+    # the data set accepts the unknown value only when told it
+    pairs = dataset_pairs("digitscenes", root, "val")
+    dataset = SegmentationDataset(pairs, 9, EvalTransform(MEAN, STD), unknown_index=254)
+    assert any((dataset[i][1] == 254).any() for i in range(30))
+    with pytest.raises(SampleError, match=r"value\(s\) \[254\] outside \[0, 9\)"):
+        [SegmentationDataset(pairs, 9, EvalTransform(MEAN, STD))[i] for i in range(30)]
+
+
 def test_digitscenes_train_and_val_use_disjoint_digit_images():
     train, val = digitscenes.digit_pool(1797, "train"), digitscenes.digit_pool(1797, "val")
     assert not set(train) & set(val)

@@ -39,6 +39,11 @@ def test_train_then_test_writes_everything(tiny_config, tmp_path):
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any("eval" in r for r in records)
     assert "mIoU" in result.stdout and "background" in result.stdout
+    # prototype statistics: every training log step (this batch) and every evaluation (val)
+    assert all({"entropy", "dead", "cosine"} <= set(r["prototypes"]) for r in records if "loss" in r)
+    evaluated = [r for r in records if "eval" in r]
+    assert all(len(r["prototypes"]["classes"]) == 11 for r in evaluated)
+    assert "prototypes: usage entropy" in result.stdout
 
     # a folder given by overrides, with colourised predictions
     data = tmp_path / "data"

@@ -2,6 +2,7 @@
 
     python tools/test.py [CONFIG] CHECKPOINT [section.key=value ...] [--save-pred DIR] [--limit N]
     python tools/test.py [CONFIG] CHECKPOINT data.val_split=test --format-only DIR
+    python tools/test.py [CONFIG] CHECKPOINT --anomaly          (a val split with data.unknown_index)
 
 Without CONFIG the config stored in the checkpoint is used; overrides apply on top either way.
 The test protocol is the config's `test:` section: whole image (default), sliding window, and
@@ -10,9 +11,15 @@ test.scales=[0.75,1.0,1.25] test.flip=true.
 
 Evaluates on the config's val split, or on any folder pair given by overrides:
 data.val_images=path/to/images data.val_labels=path/to/labels (labels: <image stem>.png).
-Prints per-class IoU/Acc, mIoU, mAcc, aAcc and writes them as JSON (--out, default
-test_results.json next to the checkpoint). --save-pred writes input | ground truth | prediction
-panels, colourised.
+Prints per-class IoU/Acc, mIoU, mAcc, aAcc (and for a prototype model the prototype usage
+statistics) and writes them as JSON (--out, default test_results.json next to the checkpoint).
+--save-pred writes input | ground truth | prediction panels, colourised.
+
+--anomaly also scores each pixel as open set (1 - the largest cosine to any prototype; softmax
+models: 1 - the largest probability) and reports how it separates the pixels labelled
+data.unknown_index (classes unseen in training) from those of the known classes: AUROC,
+average precision and the false-positive rate at 95% true-positive rate. The segmentation
+metrics are then over the known classes (unknown pixels left out).
 
 --format-only DIR evaluates nothing and needs no labels: it writes DIR/<image stem>.png per
 image in the ids the data set's official evaluation reads (Cityscapes: label ids, the files
@@ -29,15 +36,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protoseg.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from protoseg.data.datasets import class_names  # noqa: E402
 from protoseg.data.loader import build_image_loader, build_val_loader, prepare_data  # noqa: E402
-from protoseg.engine.checkpoint import load_checkpoint  # noqa: E402
+from protoseg.engine.anomaly import AnomalyEvaluator, format_anomaly  # noqa: E402
+from protoseg.engine.checkpoint import load_run  # noqa: E402
 from protoseg.engine.distributed import barrier, init_distributed  # noqa: E402
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results  # noqa: E402
 from protoseg.engine.outputs import png_name, submission_image, write_png  # noqa: E402
 from protoseg.engine.predict import check_test_config, evaluate_model, predict_loader  # noqa: E402
-from protoseg.models.segmentor import build_model  # noqa: E402
+from protoseg.engine.prototypes import format_statistics, usage_statistics, val_usage  # noqa: E402
+from protoseg.models.segmentor import load_trained_model  # noqa: E402
 
 
 def parse_args():
@@ -51,6 +59,8 @@ def parse_args():
                         help="results JSON (default: test_results.json next to the checkpoint)")
     parser.add_argument("--format-only", default="", metavar="DIR",
                         help="write submission PNGs here instead of evaluating (no labels needed)")
+    parser.add_argument("--anomaly", action="store_true",
+                        help="also evaluate the open-set score on pixels labelled data.unknown_index")
     args = parser.parse_args()
     first, rest = args.paths[0], args.paths[1:]
     if first.endswith((".yaml", ".yml")):
@@ -65,28 +75,20 @@ def parse_args():
 def main() -> int:
     args = parse_args()
     try:
-        state = load_checkpoint(args.checkpoint)
+        state, cfg = load_run(args.checkpoint, args.config, args.overrides)
+        check_test_config(cfg.test)
+        anomaly = AnomalyEvaluator(cfg.data.num_classes, cfg.data.unknown_index) if args.anomaly else None
     except (OSError, RuntimeError) as e:
         print(f"error: cannot load checkpoint {args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    try:
-        if args.config:
-            cfg = load_config(args.config, args.overrides)
-        elif isinstance(state.get("config"), dict):
-            cfg = config_from_dict(state["config"], args.checkpoint, args.overrides)
-        else:
-            raise ConfigError(f"{args.checkpoint} holds no config: give the config file before it")
-        check_test_config(cfg.test)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
     if rank == 0 and not cfg.data.val_images:
         prepare_data(cfg)
     barrier()
-    cfg.model.pretrained, cfg.model.backbone_checkpoint = False, ""  # the checkpoint has every weight
-    model = build_model(cfg).to(device)
-    model.load_state_dict(state["model"])
+    model = load_trained_model(cfg, state).to(device)
     d, t = cfg.data, cfg.test
     windows = f" crop {t.crop_size} stride {t.stride}" if t.mode == "slide" else ""
     protocol = f"test.mode={t.mode}{windows}, scales {t.scales}, flip {str(t.flip).lower()}"
@@ -97,7 +99,7 @@ def main() -> int:
             duplicate = next(n for n in names if names.count(n) > 1)
             print(f"error: two images would both be written as {duplicate}", file=sys.stderr)
             return 2
-        for batch, pred in predict_loader(model, loader, device, t, cfg.train.amp):
+        for batch, pred, _ in predict_loader(model, loader, device, t, cfg.train.amp):
             for index, p in zip(batch["indices"].tolist(), pred.cpu().numpy()):
                 ids = submission_image(p, d.dataset, d.num_classes)
                 write_png(os.path.join(args.format_only, names[index]), ids)
@@ -107,16 +109,29 @@ def main() -> int:
                   f"{len(names)} predictions to {args.format_only}")
     else:
         loader = build_val_loader(cfg, rank, world)
-        evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
+        evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes, d.unknown_digits),
+                                 d.ignore_index, d.unknown_index)
         save_dir = args.save_pred
         if save_dir and world > 1:
             save_dir = os.path.join(save_dir, f"rank{rank}")
         started = time.perf_counter()
-        results = evaluate_model(model, loader, evaluator, device, t, cfg.train.amp, save_dir, args.limit)
+        results = evaluate_model(model, loader, evaluator, device, t, cfg.train.amp, save_dir, args.limit,
+                                 anomaly)
+        elapsed = time.perf_counter() - started
+        if anomaly is not None:
+            results["anomaly"] = anomaly.evaluate()
+        if model.uses_prototypes:
+            counts = val_usage(model, loader, device, cfg.train.amp)
+            results["prototypes"] = usage_statistics(counts, model.classifier.prototypes,
+                                                     evaluator.class_names)
         if rank == 0:
             print(f"{args.checkpoint} (iteration {state.get('iteration')}) on {len(loader.dataset)} images, "
-                  f"{protocol}: {time.perf_counter() - started:.1f} s")
+                  f"{protocol}: {elapsed:.1f} s")
             print(format_table(results))
+            if "prototypes" in results:
+                print(format_statistics(results["prototypes"]))
+            if "anomaly" in results:
+                print(format_anomaly(results["anomaly"]))
             folder = os.path.dirname(os.path.abspath(args.checkpoint))
             out = args.out or os.path.join(folder, "test_results.json")
             save_results(results, out)

@@ -38,12 +38,13 @@ class SegmentationDataset(Dataset):
     """Items are `index` or `(index, epoch)`; the per-sample RNG is seeded by (seed, epoch, index).
 
     Returns (image [3, H, W] float32, label [H, W] int64, index), or None for a bad sample when
-    on_error == "skip".
+    on_error == "skip". `unknown_index` (>= 0) is one more label value allowed besides the
+    classes and ignore: pixels of classes unseen in training, in an open-set val split.
     """
 
     def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform, *,
                  ignore_index: int = 255, reduce_zero_label: bool = False, on_error: str = "raise",
-                 seed: int = 0):
+                 seed: int = 0, unknown_index: int = -1):
         if not pairs:
             raise ValueError("the data set is empty (no image/label pairs found)")
         if on_error not in ("raise", "skip"):
@@ -55,6 +56,7 @@ class SegmentationDataset(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.on_error = on_error
         self.seed = seed
+        self.unknown_index = unknown_index
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -87,11 +89,12 @@ class SegmentationDataset(Dataset):
         if self.reduce_zero_label:  # ADE20K: 0 is "other" -> ignore, classes shift down by one
             label = label.astype(np.int32) - 1
             label[label < 0] = self.ignore_index
-        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        bad = (label >= self.num_classes) & (label != self.ignore_index) & (label != self.unknown_index)
         if bad.any():
             values = np.unique(label[bad])
+            unknown = f" or unknown ({self.unknown_index})" if self.unknown_index >= 0 else ""
             raise SampleError(f"label {label_path} has value(s) {values[:8].tolist()} outside "
-                              f"[0, {self.num_classes}) that are not ignore ({self.ignore_index})")
+                              f"[0, {self.num_classes}) that are not ignore ({self.ignore_index}){unknown}")
         return image, label.astype(np.uint8 if self.num_classes < 256 else np.int32)
 
 
@@ -189,9 +192,12 @@ def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, st
                      f"folder (got {dataset!r})")
 
 
-def class_names(dataset: str, num_classes: int) -> list[str]:
-    if dataset == "digitscenes" and num_classes == len(digitscenes.CLASS_NAMES):
-        return list(digitscenes.CLASS_NAMES)
+def class_names(dataset: str, num_classes: int, unknown_digits=()) -> list[str]:
+    """The names of a data set's class ids (class_0, class_1, ... where the set has none);
+    `unknown_digits`: open-set DigitScenes (data.unknown_digits)."""
+    digits = digitscenes.class_names(unknown_digits)
+    if dataset == "digitscenes" and num_classes == len(digits):
+        return digits
     if dataset == "cityscapes" and num_classes == len(CITYSCAPES_CLASSES):
         return list(CITYSCAPES_CLASSES)
     if dataset == "ade20k_full" and num_classes == len(ADE20K_FULL_CLASSES):

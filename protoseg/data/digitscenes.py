@@ -6,6 +6,10 @@ of `sklearn.datasets.load_digits`, 1797 of them) pasted at varied sizes and colo
 upsampled stroke intensity is ambiguous) are labelled 255 (ignore). Train and val scenes use
 disjoint digit images (every fifth digit image goes to val).
 
+The open-set variant (`unknown_digits`) leaves those digits out of the training scenes and
+labels them `unknown_index` in val; the known digits take the class ids 1, 2, ... in order
+(digits 8 and 9 unknown: classes background, 0-7, as before, and 9 classes in all).
+
 Generation is deterministic: scene i of a split depends only on (seed, split, i). It is
 written once in the standard layout and then read by the ordinary file loader:
     root/images/<split>/<i:06d>.png   RGB
@@ -22,20 +26,42 @@ import shutil
 import cv2
 import numpy as np
 
-CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
 IGNORE_INDEX = 255
 _SPLITS = {"train": 0, "val": 1}
 _VERSION = 3  # bump when the generator's output changes
 
 
-def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int, seed: int = 0) -> bool:
+def class_names(unknown_digits=()) -> list[str]:
+    """background and the digits that are not unknown, in class-id order."""
+    return ["background"] + [str(d) for d in range(10) if d not in unknown_digits]
+
+
+def digit_labels(unknown_digits=(), unknown_index: int = -1) -> np.ndarray:
+    """[10] the label value of each digit: its class id, or unknown_index."""
+    known = [d for d in range(10) if d not in unknown_digits]
+    if unknown_digits:
+        if not set(unknown_digits) <= set(range(10)):
+            raise ValueError(f"data.unknown_digits must be digits 0-9 (got {list(unknown_digits)})")
+        if not 1 + len(known) <= unknown_index < IGNORE_INDEX:
+            raise ValueError(f"data.unknown_digits needs data.unknown_index in [{1 + len(known)}, "
+                             f"{IGNORE_INDEX}): not a class id and not ignore (got {unknown_index})")
+    labels = np.full(10, unknown_index, np.int64)
+    labels[known] = 1 + np.arange(len(known))
+    return labels
+
+
+def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int, seed: int = 0,
+                       unknown_digits=(), unknown_index: int = -1) -> bool:
     """Generate the data set under `root` unless it is already there with these parameters.
 
     Returns True when it generated. Writes into a temporary folder and renames it at the end,
     so an interrupted generation leaves nothing that looks complete.
     """
+    label_of = digit_labels(unknown_digits, unknown_index)
     params = {"version": _VERSION, "scenes_train": scenes_train, "scenes_val": scenes_val,
               "size": size, "seed": seed}
+    if unknown_digits:  # absent for the closed-set data, so their generated folders stay valid
+        params.update(unknown_digits=sorted(unknown_digits), unknown_index=unknown_index)
     marker = os.path.join(root, "digitscenes.json")
     if os.path.exists(marker):
         with open(marker) as f:
@@ -49,11 +75,13 @@ def ensure_digitscenes(root: str, scenes_train: int, scenes_val: int, size: int,
     shutil.rmtree(tmp, ignore_errors=True)
     for split, count in (("train", scenes_train), ("val", scenes_val)):
         pool = digit_pool(len(images), split)
+        if split == "train":
+            pool = pool[label_of[targets[pool]] != unknown_index]
         os.makedirs(os.path.join(tmp, "images", split))
         os.makedirs(os.path.join(tmp, "labels", split))
         for i in range(count):
             rng = np.random.default_rng([seed, _SPLITS[split], i])
-            image, label = make_scene(rng, images, targets, pool, size)
+            image, label = make_scene(rng, images, label_of[targets], pool, size)
             name = f"{i:06d}.png"
             cv2.imwrite(os.path.join(tmp, "images", split, name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             cv2.imwrite(os.path.join(tmp, "labels", split, name), label)
@@ -71,9 +99,10 @@ def digit_pool(num_digits: int, split: str) -> np.ndarray:
     return np.flatnonzero(is_val if split == "val" else ~is_val)
 
 
-def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_targets: np.ndarray,
+def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_labels: np.ndarray,
                pool: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (image [size, size, 3] uint8 RGB, label [size, size] uint8)."""
+    """One scene: (image [size, size, 3] uint8 RGB, label [size, size] uint8); digit image k
+    is labelled digit_labels[k]."""
     image = _background(rng, size)
     label = np.zeros((size, size), np.uint8)
     boxes: list[tuple[int, int, int, int]] = []
@@ -97,7 +126,7 @@ def make_scene(rng: np.random.Generator, digit_images: np.ndarray, digit_targets
         region[:] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
         sub = label[y:y + h, x:x + w]
         sub[ink >= 0.15] = IGNORE_INDEX  # the ambiguous soft edge
-        sub[ink >= 0.3] = 1 + int(digit_targets[k])
+        sub[ink >= 0.3] = digit_labels[k]
     image += rng.normal(0, 8, image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), label
 

@@ -77,7 +77,8 @@ def prepare_data(cfg: Config) -> None:
     """Generate DigitScenes when the config uses it (call on one rank, then barrier)."""
     d = cfg.data
     if d.dataset == "digitscenes":
-        if digitscenes.ensure_digitscenes(d.root, d.scenes_train, d.scenes_val, d.scene_size):
+        if digitscenes.ensure_digitscenes(d.root, d.scenes_train, d.scenes_val, d.scene_size,
+                                          unknown_digits=d.unknown_digits, unknown_index=d.unknown_index):
             print(f"generated DigitScenes under {d.root}")
 
 
@@ -109,7 +110,7 @@ def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
         pairs = dataset_pairs(d.dataset, d.root, d.val_split)
     dataset = SegmentationDataset(pairs, d.num_classes, EvalTransform(*_stats(cfg)),
                                   ignore_index=d.ignore_index, reduce_zero_label=d.dataset == "ade20k",
-                                  on_error=d.on_error)
+                                  on_error=d.on_error, unknown_index=d.unknown_index)
     shard = list(range(rank, len(dataset), world_size))  # no padding: each image counted once
     return DataLoader(dataset, batch_size=d.eval_batch_size, sampler=shard, num_workers=d.num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init)

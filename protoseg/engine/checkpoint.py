@@ -14,6 +14,8 @@ import re
 import numpy as np
 import torch
 
+from protoseg.config import Config, ConfigError, config_from_dict, load_config
+
 _NAME = re.compile(r"iter_(\d+)\.pth$")
 
 
@@ -102,6 +104,18 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise RuntimeError(f"{path} is not a protoseg checkpoint (no 'model' entry)")
     return state
+
+
+def load_run(checkpoint: str, config: str = "", overrides=()) -> tuple[dict, Config]:
+    """(checkpoint state, config) for a tool: the config file `config` if given, else the one
+    the checkpoint stores, with `overrides` on top. Raises OSError or RuntimeError when the
+    checkpoint cannot be read, ConfigError for a bad config or one the checkpoint lacks."""
+    state = load_checkpoint(checkpoint)
+    if config:
+        return state, load_config(config, overrides)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{checkpoint} holds no config: give the config file before it")
+    return state, config_from_dict(state["config"], checkpoint, overrides)
 
 
 def load_latest(run_dir: str, log=print) -> tuple[dict, str] | tuple[None, None]:

@@ -48,12 +48,15 @@ def metrics_from_confusion(cm: Tensor, class_names: list[str]) -> dict:
 
 
 class SegEvaluator:
-    """Accumulates a confusion matrix over batches; `evaluate` sums it over all ranks."""
+    """Accumulates a confusion matrix over batches; `evaluate` sums it over all ranks. Pixels
+    labelled `unknown_index` (classes unseen in training, an open-set val split) are left out
+    like ignored ones: the metrics are over the known classes."""
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None, ignore_index: int = 255):
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, ignore_index: int = 255,
+                 unknown_index: int = -1):
         self.num_classes = num_classes
         self.class_names = class_names or [f"class_{k}" for k in range(num_classes)]
-        self.ignore_index = ignore_index
+        self.ignore_index, self.unknown_index = ignore_index, unknown_index
         self.reset()
 
     def reset(self) -> None:
@@ -61,6 +64,8 @@ class SegEvaluator:
 
     def process(self, pred: Tensor, label: Tensor) -> None:
         """pred, label: [B, H, W] (or any matching shapes) of class ids."""
+        if self.unknown_index >= 0:
+            label = label.masked_fill(label == self.unknown_index, self.ignore_index)
         self.cm += confusion_matrix(pred, label, self.num_classes, self.ignore_index).cpu()
 
     def evaluate(self) -> dict:

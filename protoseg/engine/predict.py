@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from protoseg.config import TestConfig
+from protoseg.engine.anomaly import AnomalyEvaluator
 from protoseg.engine.evaluator import SegEvaluator
 from protoseg.engine.outputs import write_panel
 
@@ -81,17 +82,25 @@ def num_views(test: TestConfig) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none") -> Tensor:
+def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none", open_set: bool = False):
     """images [B, 3, H, W] normalised -> [B, K, H, W] float32 scores whose argmax over K is the
     prediction: with one view (num_views(test) == 1) its logits, else the mean over the views
     of their softmax probabilities. `model` (in eval mode) maps images to {"logits": ...}.
-    fp16 autocast, which needs CUDA, becomes float32 on other devices."""
+    fp16 autocast, which needs CUDA, becomes float32 on other devices.
+
+    open_set: return (scores, open-set score [B, H, W] float32), the score higher for pixels
+    less like any known class: for the prototype classifier 1 - the largest cosine to any
+    prototype (the model's "open_set_score", averaged over windows and views like the logits),
+    for the softmax classifier 1 - the largest (view-averaged) softmax probability."""
     check_test_config(test)
     if amp == "fp16" and images.device.type != "cuda":  # a GPU-trained config predicting on the CPU
         amp = "none"
     height, width = images.shape[-2:]
     views = [(s, f) for s in test.scales for f in ((False, True) if test.flip else (False,))]
     divisor = size_divisor(model)
+    # The prototype score travels as one more channel after the K logits, so windows, scales
+    # and flips treat it exactly as they treat the logits.
+    extra = open_set and bool(getattr(model, "uses_prototypes", False))
     total = None
     for scale, flipped in views:
         x = images
@@ -101,32 +110,44 @@ def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none
         if flipped:
             x = x.flip(-1)
         if test.mode == "whole":
-            logits = _forward(model, x, amp, divisor)
+            maps = _forward(model, x, amp, divisor, extra)
         else:
-            logits = _slide(model, x, test, amp, divisor)
+            maps = _slide(model, x, test, amp, divisor, extra)
         if flipped:
-            logits = logits.flip(-1)
-        if logits.shape[-2:] != (height, width):
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        if len(views) == 1:
-            return logits
-        probs = logits.softmax(dim=1)
-        total = probs if total is None else total.add_(probs)
-    return total.div_(len(views))
+            maps = maps.flip(-1)
+        if maps.shape[-2:] != (height, width):
+            maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+        if len(views) > 1:
+            k = maps.shape[1] - extra
+            maps = torch.cat([maps[:, :k].softmax(dim=1), maps[:, k:]], dim=1)
+        total = maps if total is None else total.add_(maps)
+    if len(views) > 1:
+        total = total.div_(len(views))
+    if not open_set:
+        return total
+    if extra:
+        return total[:, :-1], total[:, -1]
+    probs = total.softmax(dim=1) if len(views) == 1 else total
+    return total, 1 - probs.amax(dim=1)
 
 
-def _forward(model: nn.Module, x: Tensor, amp: str, divisor: int) -> Tensor:
-    """One forward pass, padded to the network's stride and cropped back; float32 logits."""
+def pad_to_multiple(x: Tensor, divisor: int, value: float) -> Tensor:
+    """x [..., H, W] padded at the bottom and right with `value` to multiples of `divisor`."""
+    pad_h, pad_w = -x.shape[-2] % divisor, -x.shape[-1] % divisor
+    return F.pad(x, (0, pad_w, 0, pad_h), value=value) if pad_h or pad_w else x
+
+
+def _forward(model: nn.Module, x: Tensor, amp: str, divisor: int, extra: bool = False) -> Tensor:
+    """One forward pass, padded to the network's stride and cropped back: float32 logits, with
+    extra the open-set score as one more channel."""
     height, width = x.shape[-2:]
-    pad_h, pad_w = -height % divisor, -width % divisor
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
     with autocast(x.device, amp):
-        logits = model(x)["logits"]
-    return logits[..., :height, :width].float()
+        out = model(pad_to_multiple(x, divisor, 0.0))
+    maps = torch.cat([out["logits"], out["open_set_score"]], dim=1) if extra else out["logits"]
+    return maps[..., :height, :width].float()
 
 
-def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int) -> Tensor:
+def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int, extra: bool) -> Tensor:
     (crop_h, crop_w), (stride_h, stride_w) = test.crop_size, test.stride
     batch, _, height, width = x.shape
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
@@ -142,7 +163,7 @@ def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int
     for start in range(0, len(items), test.window_batch):
         chunk = items[start:start + test.window_batch]
         crops = torch.stack([x[b, :, y:y + crop_h, x0:x0 + crop_w] for y, x0, b in chunk])
-        logits = _forward(model, crops, amp, divisor)
+        logits = _forward(model, crops, amp, divisor, extra)
         if total is None:
             total = logits.new_zeros(batch, logits.shape[1], full_h, full_w)
         for (y, x0, b), window_logits in zip(chunk, logits):
@@ -154,31 +175,45 @@ def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int
 
 
 def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, test: TestConfig,
-                   amp: str = "none") -> Iterator[tuple[dict, Tensor]]:
-    """(batch, prediction [B, H, W] int64 on `device`) for each batch of `loader` that has
-    images; `model` is put in eval mode for the duration and restored after."""
+                   amp: str = "none", open_set: bool = False) -> Iterator[tuple[dict, Tensor, Tensor | None]]:
+    """(batch, prediction [B, H, W] int64, open-set score [B, H, W] float32 with `open_set`
+    else None), on `device`, for each batch of `loader` that has images; `model` is put in
+    eval mode for the duration and restored after."""
+    for batch in eval_batches(model, loader):
+        images = batch["images"].to(device, non_blocking=True)
+        result = predict(model, images, test, amp, open_set=open_set)
+        scores, score = result if open_set else (result, None)
+        yield batch, scores.argmax(dim=1), score
+
+
+def eval_batches(model: nn.Module, loader: DataLoader) -> Iterator[dict]:
+    """The batches of `loader` that have images, `model` in eval mode meanwhile (restored after)."""
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
-            if "images" not in batch:
-                continue
-            images = batch["images"].to(device, non_blocking=True)
-            yield batch, predict(model, images, test, amp).argmax(dim=1)
+            if "images" in batch:
+                yield batch
     finally:
         model.train(was_training)
 
 
 def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: SegEvaluator, device: torch.device,
-                   test: TestConfig, amp: str = "none", save_dir: str = "", save_limit: int = 0) -> dict:
+                   test: TestConfig, amp: str = "none", save_dir: str = "", save_limit: int = 0,
+                   anomaly: AnomalyEvaluator | None = None) -> dict:
     """Predict every batch of `loader` as `test` says, accumulate the confusion matrix (summed
     over ranks) and return the metrics. With `save_dir`, writes up to `save_limit` (0: all)
-    panels <name>.png: input | ground truth | prediction, colourised."""
+    panels <name>.png: input | ground truth | prediction, colourised. With `anomaly`, the
+    open-set scores are collected there too (its metrics: anomaly.evaluate())."""
     evaluator.reset()
+    if anomaly is not None:
+        anomaly.reset()
     saved = 0
-    for batch, pred in predict_loader(model, loader, device, test, amp):
+    for batch, pred, score in predict_loader(model, loader, device, test, amp, open_set=anomaly is not None):
         labels = batch["labels"].to(device, non_blocking=True)
         evaluator.process(pred, labels)
+        if anomaly is not None:
+            anomaly.process(score, labels)
         for i, index in enumerate(batch["indices"].tolist()):
             if not save_dir or (save_limit and saved >= save_limit):
                 break

@@ -31,6 +31,7 @@ from protoseg.engine.distributed import (barrier, broadcast_batchnorm_buffers, c
                                          init_distributed, is_distributed)
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results
 from protoseg.engine.predict import autocast, evaluate_model
+from protoseg.engine.prototypes import format_statistics, summary_scalars, usage_statistics, val_usage
 from protoseg.models.backbones import count_parameters
 from protoseg.models.segmentor import backbone_parameters, build_model, compute_loss
 
@@ -187,7 +188,8 @@ def start_loop(run: Run) -> None:
         run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
     run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
     run.val_loader = build_val_loader(cfg, run.rank, run.world)
-    run.evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes), d.ignore_index)
+    run.evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes, d.unknown_digits),
+                                 d.ignore_index, d.unknown_index)
     if run.resumed is not None and len(run.resumed["rng"]) == run.world:
         ckpt.set_rng_state(run.resumed["rng"][run.rank])
     else:  # dropout etc. differ per rank
@@ -266,6 +268,11 @@ def log_step(run: Run, iteration: int, loss: torch.Tensor, terms: dict) -> None:
     record = {"iter": iteration, "lr": run.optimizer.param_groups[1]["lr"], "loss": float(loss.detach()),
               **{k: float(v) for k, v in terms.items()}, "skipped": run.skipped,
               "time": round(time.time() - run.started, 2)}
+    usage = getattr(run.model.classifier, "usage", None)
+    if usage is not None:  # the prototypes on this rank's training batch
+        stats = usage_statistics(usage, run.model.classifier.prototypes, run.evaluator.class_names)
+        record["prototypes"] = {key: value for key, value in stats.items() if key != "classes"}
+        run.records.scalars("train_prototypes", summary_scalars(stats), iteration)
     run.records.write(record)
     run.records.scalars("train", {key: record[key] for key in ("loss", "lr", *terms)}, iteration)
     run.progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -283,15 +290,26 @@ def evaluate_and_checkpoint(run: Run, iteration: int, checkpoint_now: bool = Fal
 
 
 def evaluate(run: Run, iteration: int) -> None:
+    """The val metrics and, for the prototype classifier, the prototype statistics on the val
+    pixels (a second pass over the val images: whole images, one scale, feature resolution)."""
     if not run.sync_bn:
         broadcast_batchnorm_buffers(run.model)
     results = evaluate_model(run.model, run.val_loader, run.evaluator, run.device, run.cfg.test,
                              run.cfg.train.amp)
+    prototypes, printed = {}, format_table(results)
+    if run.model.uses_prototypes:
+        counts = val_usage(run.model, run.val_loader, run.device, run.cfg.train.amp)
+        stats = usage_statistics(counts, run.model.classifier.prototypes, run.evaluator.class_names)
+        prototypes, printed = {"prototypes": stats}, f"{printed}\n{format_statistics(stats)}"
     if run.main:
-        run.log(f"\nevaluation at iteration {iteration}\n{format_table(results)}")
-        save_results(results, os.path.join(run.cfg.run_dir, "eval_results.json"))
-        run.records.write({"iter": iteration, "eval": results})
+        run.log(f"\nevaluation at iteration {iteration}\n{printed}")
+        save_results({**results, **prototypes}, os.path.join(run.cfg.run_dir, "eval_results.json"))
+        run.records.write({"iter": iteration, "eval": results, **prototypes})
         run.records.scalars("val", {key: results[key] for key in ("mIoU", "mAcc", "aAcc")}, iteration)
+        if prototypes:
+            run.records.scalars("val_prototypes", summary_scalars(stats), iteration)
+            run.records.scalars("val_prototypes_entropy",
+                                {name: c["entropy"] for name, c in stats["classes"].items()}, iteration)
 
 
 def save(run: Run, iteration: int) -> None:

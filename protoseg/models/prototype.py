@@ -39,6 +39,19 @@ def global_sinkhorn(scores: Tensor, labels: Tensor, num_classes: int, iterations
     )
 
 
+def usage_counts(nearest: Tensor, pred: Tensor, labels: Tensor, num_prototypes: int) -> Tensor:
+    """[K, M] int64: for each prototype, the correctly classified pixels of its class (pred ==
+    labels) that it is the nearest prototype of. nearest [N, K] int64 (argmax over each class's
+    prototypes, as proto_similarity's index), pred and labels [N] (labels negative: ignored).
+    Written without data-dependent shapes, so it runs inside a compiled training step."""
+    k, m = nearest.shape[1], num_prototypes
+    correct = (labels >= 0) & (pred == labels)
+    own = nearest.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    bucket = torch.where(correct, labels * m + own, torch.full_like(labels, k * m))
+    counts = torch.zeros(k * m + 1, dtype=torch.int64, device=nearest.device)
+    return counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:-1].view(k, m)
+
+
 def released_sinkhorn(out: Tensor, iterations: int = 3, epsilon: float = 0.05):
     """Sinkhorn-Knopp for one class exactly as the released code writes it (in the dtype of
     `out`, no max subtraction): returns (Q [n, M], argmax index [n])."""
@@ -85,7 +98,8 @@ class PrototypeClassifier(nn.Module):
     [N, K] (the per-class max cosine after the class LayerNorm, "mask norm"). In training mode
     with ``target`` [N] int64 (class per pixel at feature resolution, ``ignore_index`` for
     ignored pixels) it returns ``(logits, ppc, ppd)`` and updates the prototypes in place
-    (without autograd), using only the pixels whose predicted class is their label.
+    (without autograd), using only the pixels whose predicted class is their label; `usage`
+    then holds that batch's :func:`usage_counts` (None before the first training step).
     """
 
     def __init__(
@@ -129,6 +143,8 @@ class PrototypeClassifier(nn.Module):
         prototypes = torch.empty(num_classes, num_prototypes, dim)
         nn.init.trunc_normal_(prototypes, std=0.02)
         self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
+        # A plain attribute, not a buffer: it differs between ranks and belongs in no checkpoint.
+        self.usage: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -144,13 +160,10 @@ class PrototypeClassifier(nn.Module):
             raise ValueError(f"target must be [N] with N == x.size(0) == {x.shape[0]} (got {list(target.shape)})")
         if self.impl == "reference":
             return self._forward_reference(self.feat_norm(x), target if training else None)
+        if not training:
+            return self.mask_norm(self.similarity(x)[1])
         prototypes = F.normalize(self.prototypes, dim=-1)
         norm = self.feat_norm
-        if not training:
-            # feat_norm and the L2 normalisation in one op, then the similarity.
-            x_hat = ops.layer_norm_normalize(x, norm.weight, norm.bias, norm.eps)
-            scores, _ = ops.proto_similarity(x_hat, prototypes)
-            return self.mask_norm(scores)
 
         labels = torch.where(target == self.ignore_index, torch.full_like(target, -1), target.long())
         # feat_norm, the L2 normalisation and the products in one pass; out.x_hat are the unit rows.
@@ -169,10 +182,22 @@ class PrototypeClassifier(nn.Module):
         ppd = torch.where(valid, (1 - own_target).pow(2), zero).sum() / n_valid
         with torch.no_grad():
             update_with = self._gumbel_assignment(q, valid) if self.update_assignment == "gumbel" else assignment
-            correct = valid & (logits.argmax(dim=1) == labels)
+            pred = logits.argmax(dim=1)
+            self.usage = usage_counts(out.index, pred, labels, self.num_prototypes)
+            correct = valid & (pred == labels)
             bucket = torch.where(correct, labels * self.num_prototypes + update_with, torch.full_like(labels, -1))
             self._update(out.x_hat, bucket)
         return logits, ppc, ppd
+
+    def similarity(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, D] -> (x_hat [N, D] the unit embeddings after feat_norm, scores [N, K] each
+        class's best cosine, index [N, K] int64 its nearest prototype; ties to the smallest m),
+        what inference computes; the logits are mask_norm(scores)."""
+        norm = self.feat_norm
+        # feat_norm and the L2 normalisation in one op, then the similarity.
+        x_hat = ops.layer_norm_normalize(x, norm.weight, norm.bias, norm.eps)
+        scores, index = ops.proto_similarity(x_hat, F.normalize(self.prototypes, dim=-1))
+        return x_hat, scores, index
 
     @staticmethod
     def _gumbel_assignment(q: Tensor, valid: Tensor) -> Tensor:
@@ -223,6 +248,8 @@ class PrototypeClassifier(nn.Module):
         gt_seg = target.long()
         pred_seg = torch.max(out_seg, 1)[1]
         mask = gt_seg == pred_seg
+        labels = torch.where(gt_seg == self.ignore_index, -1, gt_seg)
+        self.usage = usage_counts(masks.argmax(dim=1).detach(), pred_seg, labels, m)
         contrast_logits = torch.mm(_c, protos.view(-1, d).t())
         # The released code leaves ignored pixels at 255 here, which collides with prototype 255
         # once K*M > 255; -1 keeps the transcription right for any vocabulary.

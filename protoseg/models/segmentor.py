@@ -40,8 +40,10 @@ class ProjectionHead(nn.Module):
 
 class Segmentor(nn.Module):
     """forward(images [B, 3, H, W], labels [B, H, W] int64 | None) -> dict with
-    "logits" [B, K, H, W] (upsampled bilinearly to the image, with `align_corners`), and in
-    training mode with the prototype classifier and labels given, "ppc" and "ppd" (scalars)."""
+    "logits" [B, K, H, W] (upsampled bilinearly to the image, with `align_corners`); in training
+    mode with the prototype classifier and labels given, "ppc" and "ppd" (scalars); in eval mode
+    with the prototype classifier, "open_set_score" [B, 1, H, W]: 1 - the pixel's largest cosine
+    to any prototype (at feature resolution, upsampled like the logits)."""
 
     def __init__(self, backbone: Backbone, decoder: nn.Module, num_classes: int, *,
                  classifier: str = "prototype", proj_dim: int = 720, projection: str = "default",
@@ -60,24 +62,43 @@ class Segmentor(nn.Module):
             self.classifier = nn.Conv2d(decoder.out_channels, num_classes, 1)
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        x = self.decoder(self.backbone(images))
-        out = {}
+        size = images.shape[-2:]
         if not self.uses_prototypes:
-            logits = self.classifier(x)
-        else:
-            e = self.projection(x)
-            b, d, h, w = e.shape
-            pixels = e.permute(0, 2, 3, 1).reshape(-1, d)
-            if self.training and labels is not None:
-                # Labels at feature resolution, nearest neighbour (ignore stays ignore).
-                target = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")
-                scores, out["ppc"], out["ppd"] = self.classifier(pixels, target.long().view(-1))
-            else:
-                scores = self.classifier(pixels)
-            logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
-        out["logits"] = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
-                                      align_corners=self.align_corners)
-        return out
+            logits = self.classifier(self.decoder(self.backbone(images)))
+            return {"logits": self._upsample(logits, size)}
+        if not (self.training and labels is not None):
+            maps = self.embed(images)
+            score = 1 - maps["similarity"].amax(dim=1, keepdim=True)
+            return {"logits": self._upsample(maps["logits"], size),
+                    "open_set_score": self._upsample(score, size)}
+        e = self.projection(self.decoder(self.backbone(images)))
+        b, d, h, w = e.shape
+        # Labels at feature resolution, nearest neighbour (ignore stays ignore).
+        target = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")
+        scores, ppc, ppd = self.classifier(e.permute(0, 2, 3, 1).reshape(-1, d), target.long().view(-1))
+        logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return {"logits": self._upsample(logits, size), "ppc": ppc, "ppd": ppd}
+
+    def embed(self, images: Tensor) -> dict[str, Tensor]:
+        """Inference of the prototype classifier at feature resolution [h, w], every map
+        [B, C, h, w]: "embedding" the unit pixel embeddings (C = D), "similarity" each class's
+        best cosine (C = K), "nearest" int64 the index of that class's nearest prototype
+        (C = K), "logits" (C = K, before upsampling)."""
+        if not self.uses_prototypes:
+            raise ValueError("embed needs model.classifier = prototype (this model is a softmax classifier)")
+        e = self.projection(self.decoder(self.backbone(images)))
+        b, d, h, w = e.shape
+        x_hat, similarity, nearest = self.classifier.similarity(e.permute(0, 2, 3, 1).reshape(-1, d))
+        logits = self.classifier.mask_norm(similarity)
+
+        def as_map(t: Tensor) -> Tensor:
+            return t.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+        return {"embedding": as_map(x_hat), "similarity": as_map(similarity), "nearest": as_map(nearest),
+                "logits": as_map(logits)}
+
+    def _upsample(self, x: Tensor, size) -> Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
 def compute_loss(out: dict[str, Tensor], labels: Tensor, *, ignore_index: int = 255,
@@ -108,6 +129,15 @@ def build_model(cfg: Config) -> Segmentor:
     return Segmentor(backbone, decoder, d.num_classes, classifier=m.classifier, proj_dim=m.proj_dim,
                      projection=m.projection, align_corners=m.align_corners, ignore_index=d.ignore_index,
                      prototype_kwargs=prototype_kwargs)
+
+
+def load_trained_model(cfg: Config, state: dict) -> Segmentor:
+    """The model of `cfg` with the weights of checkpoint `state`; nothing is downloaded or read
+    for the backbone (the checkpoint has every weight)."""
+    cfg.model.pretrained, cfg.model.backbone_checkpoint = False, ""
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model
 
 
 def backbone_parameters(model: Segmentor) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
