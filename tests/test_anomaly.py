@@ -72,7 +72,8 @@ def test_predictor_returns_one_minus_the_largest_cosine_to_any_prototype(tiny_ch
         pixels = model.classifier.feat_norm(e.permute(0, 2, 3, 1).reshape(-1, d))
         cosine, _ = ops.reference.proto_similarity(pixels, model.classifier.prototypes)
         best = cosine.amax(dim=1).view(1, 1, h, w)
-    expected = 1 - F.interpolate(best, size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(best, size=(32, 32), mode="bilinear", align_corners=model.align_corners)
+    expected = 1 - up[0, 0]
     np.testing.assert_allclose(score, expected.numpy(), atol=1e-5)
     # with several views the score is averaged like the probabilities; it stays in [0, 2]
     flipped = protoseg.Predictor.from_checkpoint(tiny_checkpoint(), device="cpu", flip=True)
