@@ -1,8 +1,8 @@
 """Experiment configuration: dataclasses filled from one flat YAML file.
 
 A YAML file has the sections `model`, `data`, `train` and `test` (plus `name` and `output_dir`) and may
-name ONE `base:` file (relative to itself) whose values it overrides; the base must not have a
-base of its own. Unknown keys and values of the wrong type are errors naming the file and the
+name a `base:` file (relative to itself) whose values it overrides; a base may have a base of its
+own (a chain, never a cycle). Unknown keys and values of the wrong type are errors naming the file and the
 key. Command-line overrides are `section.key=value`, the value parsed as YAML
 (`train.lr=0.02`, `data.crop_size=[512,1024]`, `model.classifier=softmax`,
 `test.scales=[0.75,1.0,1.25]`).
@@ -134,19 +134,23 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read `path` (and its base), apply `overrides` ("section.key=value"), check everything."""
-    data = _read_yaml(path)
-    if "base" in data:
-        base_path = os.path.join(os.path.dirname(path), str(data.pop("base")))
-        base = _read_yaml(base_path)
-        if "base" in base:
-            raise ConfigError(f"{base_path}: a base config cannot have a base of its own (from {path})")
-        _check_and_merge(base, {}, base_path)
-        data = _check_and_merge(base, data, path)
-    else:
-        data = _check_and_merge({}, data, path)
+    """Read `path` (and its bases), apply `overrides` ("section.key=value"), check everything."""
+    data = _read_with_bases(path, ())
     _apply_overrides(data, overrides)
     return _build(Config, data, path)
+
+
+def _read_with_bases(path: str, chain: tuple[str, ...]) -> dict:
+    """The merged values of `path` over its chain of bases (the first file that names a base
+    already in the chain is reported)."""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: its base chain comes back to itself ({' -> '.join(chain + (real,))})")
+    data = _read_yaml(path)
+    if "base" not in data:
+        return _check_and_merge({}, data, path)
+    base = _read_with_bases(os.path.join(os.path.dirname(path), str(data.pop("base"))), chain + (real,))
+    return _check_and_merge(base, data, path)
 
 
 def config_to_dict(cfg: Config) -> dict:

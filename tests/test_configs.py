@@ -113,7 +113,7 @@ def test_softmax_twin_differs_only_in_the_classifier(name):
 def test_every_protoseg_config_has_a_softmax_twin():
     protoseg = {n[: -len("_protoseg.yaml")] for n in NAMES if n.endswith("_protoseg.yaml")}
     softmax = {n[: -len("_softmax.yaml")] for n in NAMES if n.endswith("_softmax.yaml")}
-    assert protoseg == softmax and len(protoseg) == 10
+    assert protoseg == softmax and len(protoseg) == 11
 
 
 def test_count_params_tool_counts_each_part():

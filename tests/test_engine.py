@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from protoseg.config import ConfigError, load_config
+from protoseg.config import ConfigError, config_to_dict, load_config
 from protoseg.engine import checkpoint as ckpt
 from protoseg.engine import trainer as trainer_module
 from protoseg.engine.distributed import check_replicas_identical, state_fingerprints
@@ -60,9 +60,15 @@ def test_config_base_overrides_and_errors(tmp_path):
     assert load_config(str(tmp_path / "child.yaml")).test.scales == [1.0]  # default: one whole-image pass
     with pytest.raises(ConfigError, match="test.flip must be bool"):
         load_config(str(tmp_path / "child.yaml"), ["test.flip=3"])
-    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
-    with pytest.raises(ConfigError, match="cannot have a base"):
-        load_config(str(tmp_path / "grandchild.yaml"))
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\ntest:\n  flip: true\n")
+    grandchild = load_config(str(tmp_path / "grandchild.yaml"))
+    assert grandchild.test.flip and grandchild.test.scales == [1.0]  # its own value over the chain's
+    child = load_config(str(tmp_path / "child.yaml"))
+    assert config_to_dict(grandchild)["train"] == config_to_dict(child)["train"]
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="comes back to itself"):
+        load_config(str(tmp_path / "a.yaml"))
 
 
 def test_a_stored_config_takes_overrides_and_defaults_missing_sections():
