@@ -128,6 +128,15 @@ inline void check_plan_args(const at::Tensor& plan, const at::Tensor& labels, co
   check_marginal(marginal, name, dim, plan, "plan");
 }
 
+// sinkhorn_step: the row sums [K, M] and the counts [K] of the same K.
+inline void check_sinkhorn_step_args(const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& rows,
+                                     const at::Tensor& count) {
+  check_plan_args(plan, labels, rows, "rows", 2);
+  check_plan_args(plan, labels, count, "count", 1);
+  TORCH_CHECK(count.size(0) == rows.size(0), "count must be [K] with K == rows.size(0) = ", rows.size(0), " (got ",
+              shape_str(count), ")");
+}
+
 // Host-side range check of an int64 vector: every entry is in [0, upper), or (when
 // allow_negative) negative, or equal to `ignore`. Raises naming the first offending entry.
 inline void check_range_host(const int64_t* v, int64_t n, int64_t upper, const char* name, const char* upper_name,

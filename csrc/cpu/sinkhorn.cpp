@@ -206,10 +206,7 @@ at::Tensor sinkhorn_scale_cpu(const at::Tensor& plan, const at::Tensor& labels, 
 
 at::Tensor sinkhorn_step_cpu(const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& rows,
                              const at::Tensor& count) {
-  check_plan_args(plan, labels, rows, "rows", 2);
-  check_plan_args(plan, labels, count, "count", 1);
-  TORCH_CHECK(count.size(0) == rows.size(0), "count must be [K] with K == rows.size(0) = ", rows.size(0),
-              " (got ", shape_str(count), ")");
+  check_sinkhorn_step_args(plan, labels, rows, count);
   const int64_t m = plan.size(1);
   auto out = plan.contiguous().clone();
   const auto r = rows.contiguous();

@@ -539,12 +539,12 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn(Exec& ex, const at::Tensor& scores, 
     ex.launch(sinkhorn_init_kernel<scalar_t>, grid_for(n * m, kT), kT, 0,
               SinkhornInitParams<scalar_t>{sp, pp, kp, n, m, k, class_stat.data_ptr<double>(), epsilon, lp});
   });
-  const at::Tensor sorted;  // L is already in sorted order
-  launch_segment_reduce(ex, static_cast<const double*>(lp), sorted, offsets, n, m, false, true, class_stat);
+  const at::Tensor no_perm;  // L is already in sorted order
+  launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, true, class_stat);
   ex.launch(sinkhorn_scale_kernel<kT>, grid_for(n * m, kT), kT, 0,
             SinkhornScaleParams{kp, n, m, k, class_stat.data_ptr<double>(), lp});
   for (int64_t it = 0; it < iterations; ++it) {
-    launch_segment_reduce(ex, static_cast<const double*>(lp), sorted, offsets, n, m, false, false, rows);
+    launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, false, rows);
     ex.launch(sinkhorn_step_kernel<kT>, grid_for(n, kT), kT, 0,
               SinkhornStepParams{kp, cp, n, m, k, rows.data_ptr<double>(), lp});
   }
@@ -555,7 +555,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn(Exec& ex, const at::Tensor& scores, 
 
 // ---- the steps of sinkhorn, for a distributed caller (csrc/protoseg.cpp) ----
 // The per-pixel kernels run on the plan in pixel order (keys = labels, perm null). Only
-// sinkhorn_segments synchronises with the host (its range check of the labels).
+// sinkhorn_segments synchronises with the host (its range check of the labels, and reading
+// back how many pixels are labelled).
 
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> sinkhorn_segments(Exec& ex, const at::Tensor& labels, int64_t num_classes) {
@@ -619,10 +620,7 @@ at::Tensor sinkhorn_scale(Exec& ex, const at::Tensor& plan, const at::Tensor& la
 template <class Exec>
 at::Tensor sinkhorn_step(Exec& ex, const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& rows,
                          const at::Tensor& count) {
-  check_plan_args(plan, labels, rows, "rows", 2);
-  check_plan_args(plan, labels, count, "count", 1);
-  TORCH_CHECK(count.size(0) == rows.size(0), "count must be [K] with K == rows.size(0) = ", rows.size(0),
-              " (got ", shape_str(count), ")");
+  check_sinkhorn_step_args(plan, labels, rows, count);
   const int64_t n = plan.size(0), m = plan.size(1);
   auto out = plan.contiguous().clone();
   const auto lab = labels.contiguous();

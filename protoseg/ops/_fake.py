@@ -166,6 +166,7 @@ def _(plan, labels, rows, count):
     _plan(plan, labels)
     _marginal(rows, "rows", 2, plan, "plan")
     _marginal(count, "count", 1, plan, "plan")
+    _check(count.shape[0] == rows.shape[0], f"count must be [K] with K == rows.size(0) = {rows.shape[0]}")
     return plan.new_empty(plan.shape)
 
 
