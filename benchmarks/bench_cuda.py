@@ -32,7 +32,7 @@ from protoseg.engine.checkpoint import atomic_write
 N = int(os.environ.get("PROTOSEG_BENCH_CUDA_N", str(1 << 20)))
 D = 720
 SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ.get("PROTOSEG_BENCH_CUDA_KM", "19x10,847x10").split(",")]
-TILE_BUDGET = 1 << 25  # entries of the [rows, K*M] tile (csrc/cuda/launchers.h kDefaultTileBudget)
+TILE_BUDGET = 1 << 25  # entries of the [rows, K*M] tile (kDefaultTileBudget in csrc/cuda/prototype_pass.cuh)
 
 
 def cuda_time(fn, reps=10):

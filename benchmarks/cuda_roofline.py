@@ -1,9 +1,9 @@
 """The CUDA path's roofline, computed from the shipped launch sequence.
 
-Runs csrc/cuda/launchers.h (the host code of every CUDA op) on the CPU grid executor in
-record-only mode: no kernel executes; every launch and every GEMM records, from its
-arguments, the bytes of global memory it reads and writes and its FLOPs
-(tests/emulated/launch_costs.h). Each record's bound time on a GPU is the larger of
+Runs the shipped launch sequences (the host side of csrc/cuda/<op>.cuh) on the CPU grid
+executor in record-only mode: no kernel executes; every launch and every GEMM records, from its
+arguments, the bytes of global memory it reads and writes and its FLOPs (each kernel's
+launch_cost, beside it in csrc/cuda/<op>.cuh). Each record's bound time on a GPU is the larger of
 bytes / bandwidth and FLOPs / peak; the table sums them per kernel.
 
     python benchmarks/cuda_roofline.py            # N = 2^20, D = 720, K*M = 190 and 8470
@@ -63,7 +63,7 @@ def similarity(emu, x, p, labels):
 
 def training_step(emu, x, p, labels):
     k, m = p.shape[:2]
-    scores, index, own, lse, weighted, x_hat, stats = emu.proto_train(x, p, labels, 0.1)
+    scores, index, own, lse, weighted, x_hat, stats = emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
     emu.sinkhorn(own, labels, k, 3, 0.05)
     emu.proto_train_backward(torch.empty_like(scores), torch.empty_like(own), torch.empty_like(lse), x, p, labels,
                              index, weighted, 0.1, None, None, stats)

@@ -3,11 +3,13 @@
 - the built protoseg._C carries cubins for every architecture in TORCH_CUDA_ARCH_LIST (default
   sm_75, sm_80, sm_86, sm_90) and PTX for the newest (cuobjdump --list-elf / --list-ptx);
 - every protoseg op and backward op has a CUDA kernel registered;
-- every kernel the host side can launch exists in every cubin (the .cu files hide their host
-  side from the device passes, see csrc/cuda/kernels.cuh, so this is checked, not assumed);
-- `nvcc -Xptxas=-v` at sm_80 and sm_90 reports 0 bytes of spill stores and loads for every kernel
-  (tests/emulated/device_code.cu holds exactly the shipped kernels), and the built cubins use no
-  local memory.
+- every kernel the host side can launch exists in every cubin, and in the cubins of the very
+  object file whose host code launches it (nvcc gives kernel templates' host stubs internal
+  linkage; the .cu files hide their host side from the device passes, see csrc/cuda/common.cuh,
+  so this is checked, not assumed); no kernel is compiled in two objects;
+- `nvcc -cubin -Xptxas=-v` (the device passes alone) of every csrc/cuda/*.cu at sm_80 and sm_90
+  reports 0 bytes of spill stores and loads for every kernel, and the built cubins use no local
+  memory.
 
 They run whenever the build is expected to include CUDA (a CUDA build of torch and a toolkit,
 as in `make test`); they skip, saying why, only where no CUDA toolkit exists at all.
@@ -89,8 +91,9 @@ def _expected_archs():
     return cubins, ptx
 
 
-def _cuobjdump(*args):
-    return subprocess.run([_tool("cuobjdump"), *args, _library()], capture_output=True, text=True, check=True).stdout
+def _cuobjdump(*args, path=None):
+    return subprocess.run([_tool("cuobjdump"), *args, path or _library()], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def test_library_carries_cubins_and_ptx():
@@ -107,11 +110,11 @@ def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"protoseg::{op}", "CUDA"), f"{op} has no CUDA kernel"
 
 
-def _cubin_kernels():
-    """{arch: {mangled kernel name: {'REG':.., 'STACK':.., 'LOCAL':..}}} from the built library."""
+def _cubin_kernels(path=None):
+    """{arch: {mangled kernel name: {'REG':.., 'STACK':.., 'LOCAL':..}}} from the built library (or an object)."""
     out: dict[str, dict[str, dict[str, int]]] = {}
     arch = None
-    for line in _cuobjdump("--dump-resource-usage").splitlines():
+    for line in _cuobjdump("--dump-resource-usage", path=path).splitlines():
         m = re.search(r"arch = (sm_\d+a?)", line)
         if m:
             arch = m.group(1)
@@ -124,12 +127,12 @@ def _cubin_kernels():
     return out
 
 
-def _host_stubs():
-    """Kernels the host code registers (nvcc's __device_stub__ functions)."""
+def _host_stubs(path=None):
+    """Kernels the host code registers (nvcc's __device_stub__ functions), in the library or an object."""
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm not found")
-    syms = subprocess.run([nm, _library()], capture_output=True, text=True, check=True).stdout
+    syms = subprocess.run([nm, path or _library()], capture_output=True, text=True, check=True).stdout
     names = set()
     for line in syms.splitlines():
         m = re.search(r"__device_stub__(Z\S+)", line)
@@ -149,6 +152,29 @@ def test_every_launchable_kernel_is_in_every_cubin():
         assert not missing, f"{arch} lacks device code for {sorted(ptxas_report.demangle(sorted(missing)))}"
 
 
+def _cuda_objects():
+    objs = sorted(glob.glob(os.path.join(ROOT, "build", "temp*", "csrc", "cuda", "*.o")))
+    objs = [o for o in objs if os.path.exists(os.path.join(ROOT, "csrc", "cuda", os.path.basename(o)[:-2] + ".cu"))]
+    if not objs:
+        pytest.skip("no CUDA object files under build/ (protoseg._C was not built in this tree)")
+    return objs
+
+
+def test_each_kernel_lives_in_the_one_object_that_launches_it():
+    owner: dict[str, str] = {}
+    for obj in _cuda_objects():
+        name = os.path.basename(obj)
+        kernels = _cubin_kernels(obj)
+        stubs = {s for s in _host_stubs(obj) if "protoseg" in s}
+        for arch, found in kernels.items():
+            missing = {s for s in stubs if not any(k in s for k in found)}
+            assert not missing, f"{name} launches kernels its own {arch} cubin lacks: {ptxas_report.demangle(sorted(missing))}"
+        for kernel in set().union(*kernels.values()) if kernels else ():
+            assert kernel not in owner, f"{ptxas_report.demangle([kernel])[0]} is compiled in {owner.get(kernel)} and {name}"
+            owner[kernel] = name
+    assert owner, "no protoseg kernels in the CUDA objects"
+
+
 def test_built_kernels_use_no_local_memory():
     for arch, kernels in _cubin_kernels().items():
         bad = {k: v for k, v in kernels.items() if "protoseg" in k and (v.get("LOCAL", 0) or v.get("STACK", 0))}
@@ -159,14 +185,15 @@ def test_built_kernels_use_no_local_memory():
 def test_no_register_spills(arch, tmp_path):
     nvcc = _tool("nvcc")
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-    cmd = [
-        nvcc, "-c", os.path.join(HERE, "emulated", "device_code.cu"), "-o", str(tmp_path / "device_code.o"),
-        "-I", os.path.join(ROOT, "csrc"), "-I", torch_include, "-std=c++20", "-O3", "--expt-relaxed-constexpr",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas=-v",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-5000:]
-    report = ptxas_report.parse(res.stdout + res.stderr)
+    report = {}
+    for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        cmd = [
+            nvcc, "-cubin", source, "-o", str(tmp_path / "kernels.cubin"), "-I", os.path.join(ROOT, "csrc"),
+            "-I", torch_include, "-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-arch=sm_{arch}", "-Xptxas=-v",
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-5000:]
+        report.update(ptxas_report.parse(res.stdout + res.stderr))
     assert len(report) >= 40, f"expected every instantiated kernel in the ptxas report, got {len(report)}"
     spills = {name: r for name, r in report.items() if r.get("spill_stores") or r.get("spill_loads")}
     pretty = dict(zip(ptxas_report.demangle([n for n, _ in spills]), spills.values()))

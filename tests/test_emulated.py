@@ -1,4 +1,4 @@
-"""The CUDA kernels, executed on the CPU: every op's shipped launch sequence (csrc/cuda/launchers.h)
+"""The CUDA kernels, executed on the CPU: every op's shipped launch sequence (csrc/cuda/<op>.cuh)
 and kernels (csrc/cuda/*.cuh) run by the CPU grid executor (tests/emulated/grid_executor.h), with
 torch's CPU GEMM and sort standing in for cuBLAS and cub, checked against protoseg/ops/reference.py
 (and bitwise against the CPU kernels where those are bitwise reproducible).
@@ -21,6 +21,7 @@ from protoseg.ops import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulated"))
 import emulated_module  # noqa: E402
+import test_ops  # noqa: E402  (its op_calls: every op's calls on one sample)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -31,6 +32,40 @@ def emu():
     module = emulated_module.load()
     module.set_tile_budget(1 << 25)
     return module
+
+
+def test_every_protoseg_op_is_emulated(emu):
+    # The bindings are generated from csrc/cuda/*.cu (emulated_module.py): every schema of
+    # csrc/protoseg.cpp has a CUDA launch sequence and so an emulated one.
+    schemas = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("protoseg::")}
+    missing = sorted(op for op in schemas if not hasattr(emu, op))
+    assert not missing, f"ops without an emulated CUDA launch sequence: {missing}"
+    assert len(emulated_module.cuda_ops()) == len(schemas) - 2  # layer_norm_normalize(+backward): an ATen composite
+
+
+def _tensors(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_op_call_matches_the_cpu_kernel(chunked, dtype):
+    # Every (op, args) of tests/test_ops.py (opcheck's list), through the CUDA launch sequence in
+    # several partial chunks, against the CPU kernel: exact for integer outputs, the dtype's
+    # accumulation tolerance for the rest.
+    chunked.set_tile_budget(7)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-11}[dtype]
+    for case in [test_ops.CASE[name] for name in ("empty", "odd", "transposed", "strided")]:
+        s = test_ops.make_sample(case, dtype)
+        for op, args in test_ops.op_calls(s):
+            name = op._schema.name.split("::")[1]
+            args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+            args += [a.default_value for a in op._schema.arguments[len(args):]]
+            for want, got in zip(_tensors(op(*args)), _tensors(getattr(chunked, name)(*args)), strict=True):
+                what = f"{name} on {case.name}"
+                if want.dtype in (torch.int64, torch.bool):
+                    assert torch.equal(got, want), what
+                else:
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.fixture
@@ -119,7 +154,7 @@ def test_proto_train(chunked, dtype, temperature):
     labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(3))
     labels[:3] = -1
     emu.set_tile_budget(7 * k * m)
-    out = emu.proto_train(x, p, labels, temperature)
+    out = emu.proto_train(x, p, labels, temperature, None, None, 1e-5)
     out64 = ref.proto_train(x.double(), p.double(), labels, temperature)
     out_lp = ref.proto_train(x, p, labels, temperature)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -167,7 +202,7 @@ def test_proto_train(chunked, dtype, temperature):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_proto_train_layer_norm(chunked, dtype):
-    # The LayerNorm that the CUDA entry point runs around the pass (cuda/launchers.h): outputs and
+    # The LayerNorm that the CUDA entry point runs around the pass (cuda/proto_train.cuh): outputs and
     # the gradients of x, weight and bias against the reference with autograd.
     emu = chunked
     n, d, k, m = 37, 12, 4, 3
@@ -178,7 +213,7 @@ def test_proto_train_layer_norm(chunked, dtype):
     b64 = 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
     w, b = w64.to(dtype), b64.to(dtype)
     emu.set_tile_budget(7 * k * m)
-    out = emu.proto_train(x, p, labels, 0.1, w, b)
+    out = emu.proto_train(x, p, labels, 0.1, w, b, 1e-5)
     out_lp = ref.proto_train(x, p, labels, 0.1, w, b)
     out64 = ref.proto_train(x.double(), p.double(), labels, 0.1, w64, b64)
     for name, a, b_, c in zip(TRAIN_OUTPUTS, out, out_lp, out64, strict=True):
@@ -420,11 +455,11 @@ def test_empty_inputs(emu):
     s, i = emu.proto_similarity(x, p)
     assert s.shape == (0, k) and i.shape == (0, k)
     assert emu.proto_similarity_backward(torch.zeros(0, k), x, p, i).shape == (0, d)
-    out = emu.proto_train(x, p, empty, 0.1)
+    out = emu.proto_train(x, p, empty, 0.1, None, None, 1e-5)
     assert [t.shape for t in out] == [(0, k), (0, k), (0, m), (0,), (0, d), (0, d), (0, 3)]
     assert emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1, None, None, out[6])[0].shape == (0, d)
     w, b = torch.ones(d), torch.zeros(d)
-    out = emu.proto_train(x, p, empty, 0.1, w, b)
+    out = emu.proto_train(x, p, empty, 0.1, w, b, 1e-5)
     grads = emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1, w, b, out[6])
     assert [t.shape for t in grads] == [(0, d), (d,), (d,)] and (grads[1] == 0).all()
     ppc, ppd = emu.proto_contrast_loss(x, p, empty, 0.1, -1)
@@ -442,7 +477,7 @@ def test_out_of_range_raises(emu):
     labels = torch.zeros(600, dtype=torch.int64)
     labels[517] = 3
     with pytest.raises(RuntimeError, match=r"labels\[517\] = 3 is out of range"):
-        emu.proto_train(x, p, labels, 0.1)
+        emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
     with pytest.raises(RuntimeError, match=r"labels\[517\] = 3 is out of range"):
         emu.sinkhorn(torch.rand(600, 2), labels, 3, 3, 0.05)
     target = torch.zeros(600, dtype=torch.int64)
@@ -550,7 +585,7 @@ def test_larger_grids(emu):
     labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(14))
     emu.set_tile_budget(160 * k * m)  # two chunks: 160 + 120 rows
     try:
-        out = emu.proto_train(x, p, labels, 0.1)
+        out = emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
         r = ref.proto_train(x, p, labels, 0.1)
         torch.testing.assert_close(out[3], r[3])
         torch.testing.assert_close(out[4], r[4])

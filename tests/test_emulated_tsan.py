@@ -30,8 +30,7 @@ def test_emulated_kernels_have_no_data_race(tmp_path):
     os.makedirs(out_dir, exist_ok=True)
     exe = os.path.join(out_dir, "tsan_kernels")
     sources = [os.path.join(EMU, "tsan_main.cpp")]
-    deps = sources + [os.path.join(EMU, "grid_executor.h"), os.path.join(EMU, "emu_exec.h"),
-                      os.path.join(EMU, "launch_costs.h")] + [
+    deps = sources + [os.path.join(EMU, "grid_executor.h"), os.path.join(EMU, "emu_exec.h")] + [
         os.path.join(ROOT, "csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
     ] + [os.path.join(ROOT, "csrc", "checks.h")]
     stale = not os.path.exists(exe) or os.path.getmtime(exe) < max(os.path.getmtime(f) for f in deps)

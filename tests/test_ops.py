@@ -605,8 +605,10 @@ def test_gradcheck(case):
 
 # ---- opcheck ---------------------------------------------------------------------------------
 
-def _opcheck_calls(s: Sample):
-    """(op, args) for every forward and backward op on one sample."""
+def op_calls(s: Sample):
+    """(op, args) for every forward and backward op on one sample: opcheck here, and in
+    tests/test_emulated.py the CUDA launch sequence against the CPU kernel (a new op adds its
+    calls here and is covered by both)."""
     P = torch.ops.protoseg
     k, m = s.case.k, s.case.m
     x = s.x.detach()
@@ -667,7 +669,7 @@ def _opcheck_calls(s: Sample):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     for s in sample_inputs(dtype, [CASE["empty"], CASE["odd"], CASE["transposed"]]):
-        for op, args in _opcheck_calls(s):
+        for op, args in op_calls(s):
             torch.library.opcheck(op, args)
 
 

@@ -1,7 +1,13 @@
-// Device helpers shared by every CUDA kernel file: accumulation types, deterministic warp and
-// block reductions, the device-side range check and the sorted-segment offsets.
-// Device code only (raw pointers and sizes, no ATen): it compiles with nvcc and, through
-// cuda/portability.h, with the host compiler for the CPU grid executor.
+// What every CUDA op shares: accumulation types, deterministic warp and block reductions, the
+// device-side range check and the sorted-segment offsets; then, on the host side only, the
+// launch-cost model and the host functions that launch those kernels.
+//
+// Every csrc/cuda/<op>.cuh has the same two parts. The device part (raw pointers and sizes, no
+// ATen) compiles with nvcc and, through cuda/portability.h, with the host compiler for the CPU
+// grid executor (tests/emulated/). The host part, behind `#ifndef __CUDA_ARCH__`, is the op's
+// launch sequence written once against an executor `Exec` (cuda_exec.cuh on a GPU, the grid
+// executor in tests), with each kernel's launch cost: nvcc's per-architecture device passes never
+// parse ATen, which would more than double the build.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +17,9 @@
 
 namespace protoseg {
 namespace cuda {
+
+// X(T) for every floating type an op accepts (explicit instantiations).
+#define PROTOSEG_FOR_FLOATING_TYPES(X) X(float) X(double) X(c10::Half) X(c10::BFloat16)
 
 constexpr double kNormEps = 1e-12;  // as F.normalize
 constexpr int kWarpSize = 32;
@@ -138,3 +147,96 @@ PS_HD unsigned grid_for(int64_t work, int threads, int64_t max_blocks = int64_t{
 
 }  // namespace cuda
 }  // namespace protoseg
+
+// ---- host side: launch costs (the roofline model) and the launch sequence ----------------
+// Hidden from nvcc's per-architecture device passes (parsing ATen there would triple the build)
+#ifndef __CUDA_ARCH__
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <string>
+#include <tuple>
+
+namespace protoseg {
+namespace cuda {
+
+// What one launch reads and writes in global memory and its FLOPs, from its parameters
+// (benchmarks/cuda_roofline.py). Every element is counted once per launch (ideal caching within a
+// launch, none across launches); a multiply-add counts 2 FLOPs, an exp 1. Each parameter struct's
+// overload sits with its kernel; the deleted template makes a kernel without one a compile error
+// in the roofline's executor.
+struct LaunchCost {
+  double read = 0, written = 0, flops = 0;
+};
+
+template <class P>
+LaunchCost launch_cost(const P&) = delete;
+
+namespace costs {
+constexpr double kIndex = sizeof(int64_t);
+template <class T>
+constexpr double bytes() {
+  return sizeof(T);
+}
+template <class T>
+double if_set(const T* p, double v) {
+  return p != nullptr ? v : 0.0;
+}
+}  // namespace costs
+
+inline LaunchCost launch_cost(const RangeCheckParams& p) { return {p.n * costs::kIndex, 0, double(p.n)}; }
+inline LaunchCost launch_cost(const SegmentKeysParams& p) { return {p.n * costs::kIndex, p.n * costs::kIndex, 0}; }
+inline LaunchCost launch_cost(const SegmentOffsetsParams& p) {
+  return {p.n * costs::kIndex, (p.num_segments + 1) * costs::kIndex, 0};
+}
+
+template <class T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Device-side range check of a contiguous int64 vector (see RangeCheckParams in common.cuh).
+// The one host synchronisation of the ops that take labels, targets or indices: it reads back
+// a single int64 before any kernel uses the vector. Same message as check_range_host.
+template <class Exec>
+void check_range_device(Exec& ex, const at::Tensor& v, int64_t upper, const char* name, const char* upper_name,
+                        bool allow_negative, int64_t ignore, bool has_ignore) {
+  const int64_t n = v.numel();
+  if (n == 0) return;
+  auto first_bad = at::full({1}, n, v.options());
+  RangeCheckParams p{v.data_ptr<int64_t>(), n, upper, allow_negative, has_ignore, ignore,
+                     reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>())};
+  ex.launch(range_check_kernel<kRangeCheckThreads>, grid_for(n, kRangeCheckThreads, 4096), kRangeCheckThreads, 0, p);
+  const int64_t i = first_bad.item<int64_t>();
+  if (i >= n) return;
+  const int64_t t = v.reshape({-1})[i].item<int64_t>();  // flat position, as check_range_host
+  TORCH_CHECK(false, name, "[", i, "] = ", t, " is out of range: expected a value in [0, ", upper_name, " = ", upper, ")",
+              (allow_negative ? " or negative (ignored)" : ""),
+              (has_ignore ? " or ignore_index = " + std::to_string(ignore) : std::string()));
+}
+
+// Stable grouping of pixels by id (common.cuh): returns (sorted keys, perm, offsets [S + 1]).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_segment(Exec& ex, const at::Tensor& ids, int64_t num_segments) {
+  const int64_t n = ids.numel();
+  auto keys = at::empty({n}, ids.options());
+  ex.launch(segment_keys_kernel<kSegmentThreads>, grid_for(n, kSegmentThreads), kSegmentThreads, 0,
+            SegmentKeysParams{ids.data_ptr<int64_t>(), n, num_segments, keys.data_ptr<int64_t>()});
+  auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto offsets = at::empty({num_segments + 1}, ids.options());
+  ex.launch(segment_offsets_kernel<kSegmentThreads>, grid_for(n + 1, kSegmentThreads), kSegmentThreads, 0,
+            SegmentOffsetsParams{sorted.data_ptr<int64_t>(), n, num_segments, offsets.data_ptr<int64_t>()});
+  return {sorted, perm, offsets};
+}
+
+// The host functions above are compiled once for the GPU, in common.cu, the one translation unit
+// holding their kernels; `prefix` is `template` there and `extern template` in cuda_exec.cuh.
+#define PROTOSEG_COMMON_HOST_FUNCTIONS(prefix, Exec)                                                            \
+  prefix void check_range_device<Exec>(Exec&, const at::Tensor&, int64_t, const char*, const char*, bool, int64_t, \
+                                       bool);                                                                 \
+  prefix std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_segment<Exec>(Exec&, const at::Tensor&, int64_t);
+
+}  // namespace cuda
+}  // namespace protoseg
+#endif  // __CUDA_ARCH__

@@ -1,10 +1,15 @@
-// The executor the shipped CUDA ops instantiate csrc/cuda/launchers.h with: launches on the
-// current stream of the op's device, checked right after. (The test-only CPU grid executor
-// provides the same interface: tests/emulated/grid_executor.h.)
+// The executor the shipped CUDA ops instantiate their launch sequences (csrc/cuda/<op>.cuh) with:
+// launches on the current stream of the op's device, checked right after. (The test-only CPU
+// grid executor provides the same interface: tests/emulated/emu_exec.h.)
 //
 // The device guard is taken at the first launch, not when the executor is made: the launch
 // sequence checks its arguments first (devices included), so a call with x on the CPU and the
 // prototypes on a GPU reports the argument instead of failing in CUDAGuard's constructor.
+//
+// Each kernel is instantiated in exactly one translation unit, the one whose host code launches
+// it: nvcc gives a kernel template's host stub internal linkage, so a launch from another unit
+// would find no device code. The host functions that launch the shared kernels are therefore
+// compiled once (common.cu, prototype_pass.cu) and declared `extern template` here for the ops.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -13,7 +18,8 @@
 
 #include <optional>
 
-#include "cuda/launchers.h"
+#include "cuda/common.cuh"
+#include "cuda/prototype_pass.cuh"
 
 namespace protoseg {
 namespace cuda {
@@ -44,6 +50,11 @@ class CudaExec {
   std::optional<c10::cuda::CUDAGuard> guard_;
   cudaStream_t stream_ = nullptr;
 };
+
+PROTOSEG_COMMON_HOST_FUNCTIONS(extern template, CudaExec)
+#define PROTOSEG_PASS_EXTERN(T) PROTOSEG_PASS_HOST_FUNCTIONS(extern template, CudaExec, T)
+PROTOSEG_FOR_FLOATING_TYPES(PROTOSEG_PASS_EXTERN)
+#undef PROTOSEG_PASS_EXTERN
 
 }  // namespace cuda
 }  // namespace protoseg

@@ -1,5 +1,6 @@
-// Device code of the chunked pixel x prototype pass (proto_similarity, proto_contrast_loss,
-// proto_train) and of the gradient assembly their backward ops share.
+// The chunked pixel x prototype pass (proto_similarity, proto_contrast_loss, proto_train) and
+// the gradient assembly their backward ops share: kernels, then (host side) their launch costs
+// and the host functions the ops' launch sequences call.
 //
 // Layouts: x [N, D] scalar_t with strides (sx0, sx1); p_hat [K*M, D] acc_t row-major, unit
 // rows; the tile [rows, K*M] acc_t row-major, produced by cuBLAS from x (float32/float64, the
@@ -257,3 +258,199 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradThreads) assemble_grad_kernel(GradParams<sc
 
 }  // namespace cuda
 }  // namespace protoseg
+
+// ---- host side: launch costs (the roofline model) and the launch sequence ----------------
+// Hidden from nvcc's per-architecture device passes (parsing ATen there would triple the build)
+#ifndef __CUDA_ARCH__
+#include <algorithm>
+#include <type_traits>
+
+namespace protoseg {
+namespace cuda {
+
+template <class T>
+LaunchCost launch_cost(const NormalizeParams<T>& p) {
+  using acc = acc_t<T>;
+  const double e = double(p.rows) * p.d;
+  return {e * costs::bytes<T>(), costs::if_set(p.out, e * costs::bytes<acc>()) + costs::if_set(p.inv_norm, p.rows * costs::bytes<acc>()),
+          costs::if_set(p.out, e) + 3 * e};
+}
+
+template <class T>
+LaunchCost launch_cost(const EpilogueParams<T>& p) {
+  using acc = acc_t<T>;
+  using namespace costs;
+  const double r = p.rows, km = double(p.num_classes) * p.num_prototypes;
+  const bool training = p.softmax_tile;
+  LaunchCost c;
+  c.read = r * km * bytes<acc>() + if_set(p.inv_norm, r * bytes<acc>()) + if_set(p.labels, r * kIndex) +
+           if_set(p.target, r * kIndex);
+  c.written = if_set(p.scores, r * p.num_classes * bytes<T>()) + if_set(p.index, r * p.num_classes * kIndex) +
+              if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.target_logit, r * bytes<acc>()) +
+              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() : 0.0);
+  c.flops = r * km * (training ? 6 : p.lse != nullptr ? 5 : 1);
+  return c;
+}
+
+template <class T>
+LaunchCost launch_cost(const GradTileParams<T>& p) {
+  using acc = acc_t<T>;
+  using namespace costs;
+  const double r = p.rows, k = p.num_classes, m = p.num_prototypes;
+  LaunchCost c;
+  c.read = if_set(p.grad_scores, r * k * (bytes<T>() + kIndex)) + if_set(p.grad_own, r * m * bytes<acc>() + r * kIndex) +
+           if_set(p.coef_target, r * (bytes<acc>() + kIndex));
+  c.written = r * k * m * bytes<acc>();
+  c.flops = r * (k + m + 1);
+  return c;
+}
+
+template <class T>
+LaunchCost launch_cost(const GradParams<T>& p) {
+  using acc = acc_t<T>;
+  using namespace costs;
+  const double e = double(p.rows) * p.d;
+  LaunchCost c;
+  c.read = e * bytes<T>() + if_set(p.tile_grad, e * bytes<acc>()) + if_set(p.weighted, e * bytes<acc>()) +
+           if_set(p.grad_lse, p.rows * bytes<acc>());
+  c.written = e * bytes<T>();
+  c.flops = 8 * e;
+  return c;
+}
+
+// Default tile bound: 2^25 acc_t entries (128 MB in fp32). Large enough that cuBLAS runs near
+// peak (>= 3961 rows at K*M = 8470), small next to an 80 GB device; O(chunk), never O(N*K*M).
+constexpr int64_t kDefaultTileBudget = int64_t{1} << 25;
+
+inline int64_t chunk_rows(int64_t n, int64_t km, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, budget / std::max<int64_t>(km, 1)));
+}
+
+// p_hat = prototypes / max(||p||, eps) as a contiguous [K*M, D] acc_t tensor.
+template <class Exec, class scalar_t>
+at::Tensor normalized_prototypes(Exec& ex, const at::Tensor& prototypes) {
+  using acc = acc_t<scalar_t>;
+  const int64_t d = prototypes.size(2);
+  const auto p = prototypes.reshape({-1, d});
+  at::Tensor out = at::empty({p.size(0), d}, p.options().dtype(c10::CppTypeToScalarType<acc>::value));
+  NormalizeParams<scalar_t> np{p.data_ptr<scalar_t>(), p.size(0), d, p.stride(0), p.stride(1), out.data_ptr<acc>(),
+                               nullptr};
+  constexpr int kRows = kNormalizeThreads / kWarpSize;
+  ex.launch(normalize_rows_kernel<scalar_t>, grid_for(p.size(0), kRows), kNormalizeThreads, 0, np);
+  return out;
+}
+
+// What the chunked pass produces; null pointers / undefined tensors skip an output.
+template <class scalar_t>
+struct PassOutputs {
+  using acc = acc_t<scalar_t>;
+  scalar_t* scores = nullptr;
+  int64_t* index = nullptr;
+  const int64_t* labels = nullptr;
+  acc* own = nullptr;
+  const int64_t* target = nullptr;
+  acc* target_logit = nullptr;
+  acc* lse = nullptr;
+  at::Tensor weighted;  // [N, D] acc_t contiguous (needs lse)
+  double temperature = 1.0;
+};
+
+// x [N, D] (any strides) against p_hat [K*M, D], per chunk of rows: the tile of products
+// (cuBLAS), the fused epilogue (which, for `weighted`, leaves the row softmax in the tile), and
+// the second GEMM softmax(S) p_hat. In float32/float64 the GEMM reads x itself and the epilogue
+// scales each row by 1 / ||x|| (only the reciprocal norms are written first); half-precision x
+// is normalised into an acc_t buffer, the GEMMs' input type. Workspaces are allocated once per
+// call and reused by every chunk (same stream, so no chunk overwrites a buffer still being read).
+template <class Exec, class scalar_t>
+void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
+                    const PassOutputs<scalar_t>& out) {
+  using acc = acc_t<scalar_t>;
+  constexpr bool kRawRows = std::is_same_v<scalar_t, acc>;
+  const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
+  if (n == 0) return;
+  const int64_t rows = chunk_rows(n, km, ex.tile_budget);
+  auto xbuf = kRawRows ? at::Tensor() : at::empty({rows, d}, p_hat.options());
+  auto inv_norm = kRawRows ? at::empty({rows}, p_hat.options()) : at::Tensor();
+  auto tile = at::empty({rows, km}, p_hat.options());
+  const at::Tensor p_hat_t = p_hat.t();
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  constexpr int kRows = kEpilogueThreads / kWarpSize;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t r = std::min(rows, n - start);
+    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), ptr_or_null<acc>(xbuf),
+                                 ptr_or_null<acc>(inv_norm)};
+    ex.launch(normalize_rows_kernel<scalar_t>, grid_for(r, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
+    auto s_view = tile.narrow(0, 0, r);
+    ex.gemm(s_view, kRawRows ? x.narrow(0, start, r) : xbuf.narrow(0, 0, r), p_hat_t);
+    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), ptr_or_null<acc>(inv_norm), r, start, k_classes, m_protos,
+                                out.scores, out.index, out.labels, out.own, out.target, out.target_logit, out.lse,
+                                out.weighted.defined(), static_cast<acc>(1.0 / out.temperature)};
+    ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
+    if (out.weighted.defined()) {
+      at::Tensor w_view = out.weighted.narrow(0, start, r);
+      ex.gemm(w_view, s_view, p_hat);
+    }
+  }
+}
+
+// The terms of the gradient (GradTileParams / GradParams in prototype_pass.cuh); null
+// pointers contribute nothing.
+template <class scalar_t>
+struct GradTerms {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* grad_scores = nullptr;
+  const int64_t* index = nullptr;
+  const acc* grad_own = nullptr;
+  const int64_t* labels = nullptr;
+  const acc* coef_target = nullptr;
+  const int64_t* target = nullptr;
+  const acc* grad_lse = nullptr;
+  const acc* weighted = nullptr;
+  double temperature = 1.0;
+};
+
+// grad_x [N, D] contiguous, per chunk of rows: coefficients into the [rows, K*M] tile, one
+// cuBLAS GEMM with p_hat, then the `weighted` term and the normalisation backward.
+template <class Exec, class scalar_t>
+void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
+                     const GradTerms<scalar_t>& g, const at::Tensor& grad_x) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
+  if (n == 0) return;
+  const bool tile_terms = g.grad_scores != nullptr || g.grad_own != nullptr || g.coef_target != nullptr;
+  const int64_t rows = chunk_rows(n, km, ex.tile_budget);
+  at::Tensor tile, tile_grad;
+  if (tile_terms) {
+    tile = at::empty({rows, km}, p_hat.options());
+    tile_grad = at::empty({rows, d}, p_hat.options());
+  }
+  constexpr int kRows = kGradTileThreads / kWarpSize;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t r = std::min(rows, n - start);
+    if (tile_terms) {
+      GradTileParams<scalar_t> tp{tile.data_ptr<acc>(), r, start, k_classes, m_protos, g.grad_scores, g.index,
+                                  g.grad_own, g.labels, g.coef_target, g.target};
+      ex.launch(grad_tile_kernel<scalar_t>, grid_for(r, kRows), kGradTileThreads, 0, tp);
+      at::Tensor out_view = tile_grad.narrow(0, 0, r);
+      ex.gemm(out_view, tile.narrow(0, 0, r), p_hat);
+    }
+    GradParams<scalar_t> gp{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1), r, start,
+                            tile_terms ? tile_grad.data_ptr<acc>() : nullptr, g.grad_lse, g.weighted,
+                            static_cast<acc>(1.0 / g.temperature), grad_x.data_ptr<scalar_t>()};
+    ex.launch(assemble_grad_kernel<scalar_t>, grid_for(r, 1), kGradThreads, 0, gp);
+  }
+}
+
+
+// Compiled once for the GPU, in prototype_pass.cu (the one translation unit holding the pass
+// kernels); `prefix` is `template` there and `extern template` in cuda_exec.cuh.
+#define PROTOSEG_PASS_HOST_FUNCTIONS(prefix, Exec, T)                                                            \
+  prefix at::Tensor normalized_prototypes<Exec, T>(Exec&, const at::Tensor&);                                    \
+  prefix void prototype_pass<Exec, T>(Exec&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,             \
+                                      const PassOutputs<T>&);                                                    \
+  prefix void assemble_grad_x<Exec, T>(Exec&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,            \
+                                       const GradTerms<T>&, const at::Tensor&);
+
+}  // namespace cuda
+}  // namespace protoseg
+#endif  // __CUDA_ARCH__

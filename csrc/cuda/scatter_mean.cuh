@@ -76,3 +76,85 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kScatterBackwardThreads) scatter_mean_backward_k
 
 }  // namespace cuda
 }  // namespace protoseg
+
+// ---- host side: launch costs (the roofline model) and the launch sequence ----------------
+// Hidden from nvcc's per-architecture device passes (parsing ATen there would triple the build)
+#ifndef __CUDA_ARCH__
+#include "checks.h"
+
+namespace protoseg {
+namespace cuda {
+
+template <class T>
+LaunchCost launch_cost(const ScatterMeanParams<T>& p) {
+  const double e = double(p.n) * p.d;
+  return {e * sizeof(T) + p.n * costs::kIndex, double(p.num_segments) * p.d * sizeof(T) + p.num_segments * costs::kIndex,
+          e};
+}
+
+template <class T>
+LaunchCost launch_cost(const ScatterMeanBackwardParams<T>& p) {
+  const double e = double(p.n) * p.d;
+  return {double(p.num_segments) * p.d * sizeof(T) + p.n * costs::kIndex + p.num_segments * costs::kIndex,
+          e * sizeof(T), e};
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> scatter_mean(const at::Tensor& x, const at::Tensor& index,
+                                                int64_t num_segments) {
+  Exec ex(x.device());
+  check_embeddings(x);
+  check_index_vector(index, "index", x.size(0), x);
+  TORCH_CHECK(num_segments >= 0, "num_segments must be >= 0 (got ", num_segments, ")");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto mean = at::zeros({num_segments, d}, x.options());
+  auto count = at::zeros({num_segments}, index.options());
+  if (n == 0 || num_segments == 0) return {mean, count};
+  const auto idx = index.contiguous();
+  check_range_device(ex, idx, num_segments, "index", "num_segments", /*allow_negative=*/true, 0, false);
+  at::Tensor keys, perm, offsets;
+  std::tie(keys, perm, offsets) = sort_by_segment(ex, idx, num_segments);
+  const int64_t channel_blocks = std::max<int64_t>(1, (d + kScatterThreads - 1) / kScatterThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_mean_cuda", [&] {
+    ex.launch(scatter_mean_kernel<scalar_t>, grid_for(num_segments * channel_blocks, 1), kScatterThreads, 0,
+              ScatterMeanParams<scalar_t>{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1),
+                                          perm.data_ptr<int64_t>(), perm.numel(), offsets.data_ptr<int64_t>(),
+                                          num_segments,
+                                          channel_blocks, mean.data_ptr<scalar_t>(), count.data_ptr<int64_t>()});
+  });
+  return {mean, count};
+}
+
+template <class Exec>
+at::Tensor scatter_mean_backward(const at::Tensor& grad_mean, const at::Tensor& index,
+                                 const at::Tensor& count) {
+  Exec ex(grad_mean.device());
+  TORCH_CHECK(grad_mean.dim() == 2, "grad_mean must be [S, D] (got ", shape_str(grad_mean), ")");
+  check_floating(grad_mean, "grad_mean");
+  const int64_t s = grad_mean.size(0), d = grad_mean.size(1);
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "index must be a [N] int64 tensor (got ",
+              shape_str(index), " ", index.scalar_type(), ")");
+  TORCH_CHECK(count.dim() == 1 && count.size(0) == s && count.scalar_type() == at::kLong,
+              "count must be [S] int64 with S == grad_mean.size(0) == ", s, " (got ", shape_str(count), " ",
+              count.scalar_type(), ")");
+  check_same_device(index, grad_mean, "index", "grad_mean");
+  check_same_device(count, grad_mean, "count", "grad_mean");
+  const int64_t n = index.size(0);
+  auto grad_x = at::empty({n, d}, grad_mean.options());
+  if (n == 0 || d == 0) return grad_x;
+  const auto idx = index.contiguous();
+  check_range_device(ex, idx, s, "index", "num_segments", /*allow_negative=*/true, 0, false);
+  const auto g = grad_mean.contiguous();
+  const auto cnt = count.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scatter_mean_backward_cuda", [&] {
+    ex.launch(scatter_mean_backward_kernel<scalar_t>, grid_for(n * d, kScatterBackwardThreads),
+              kScatterBackwardThreads, 0,
+              ScatterMeanBackwardParams<scalar_t>{g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+                                                  cnt.data_ptr<int64_t>(), n, d, s, grad_x.data_ptr<scalar_t>()});
+  });
+  return grad_x;
+}
+
+}  // namespace cuda
+}  // namespace protoseg
+#endif  // __CUDA_ARCH__

@@ -203,3 +203,211 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kThreads) sinkhorn_finish_kernel(SinkhornFinishP
 
 }  // namespace cuda
 }  // namespace protoseg
+
+// ---- host side: launch costs (the roofline model) and the launch sequence ----------------
+// Hidden from nvcc's per-architecture device passes (parsing ATen there would triple the build)
+#ifndef __CUDA_ARCH__
+#include "checks.h"
+
+namespace protoseg {
+namespace cuda {
+
+template <class T>
+LaunchCost launch_cost(const SegmentReduceParams<T>& p) {
+  const double e = double(p.n) * p.m;
+  const double out = p.all_columns ? p.num_segments : double(p.num_segments) * p.m;
+  return {e * sizeof(T) + costs::if_set(p.perm, p.n * costs::kIndex) + (p.num_segments + 1) * costs::kIndex,
+          out * sizeof(double), e};
+}
+
+template <class T>
+LaunchCost launch_cost(const SinkhornInitParams<T>& p) {
+  const double e = double(p.n) * p.m;
+  return {e * sizeof(T) + p.n * costs::kIndex + costs::if_set(p.perm, p.n * costs::kIndex), e * sizeof(double),
+          3 * e};
+}
+
+inline LaunchCost launch_cost(const SinkhornScaleParams& p) {
+  const double e = double(p.n) * p.m;
+  return {e * sizeof(double) + p.n * costs::kIndex, e * sizeof(double), e};
+}
+
+inline LaunchCost launch_cost(const SinkhornStepParams& p) {
+  const double e = double(p.n) * p.m;
+  return {e * sizeof(double) + p.n * costs::kIndex + double(p.num_classes) * (p.m + 1) * sizeof(double),
+          e * sizeof(double), 4 * e};
+}
+
+inline LaunchCost launch_cost(const SinkhornFinishParams& p) {
+  const double e = double(p.n) * p.m;
+  return {e * sizeof(double) + p.n * costs::kIndex + costs::if_set(p.perm, p.n * costs::kIndex),
+          e * sizeof(float) + p.n * costs::kIndex, 2 * e};
+}
+
+// Launches of segment_reduce_kernel over `in` [rows, M] (through perm, or directly when perm is
+// undefined) into out [S] or [S, M].
+template <class Exec, class in_t>
+void launch_segment_reduce(Exec& ex, const in_t* in, const at::Tensor& perm, const at::Tensor& offsets,
+                           int64_t rows, int64_t m, bool is_max, bool all_columns, at::Tensor& out) {
+  const int64_t s = offsets.numel() - 1;
+  const int64_t n = perm.defined() ? perm.numel() : rows;
+  ex.launch(segment_reduce_kernel<in_t>, grid_for(s, 1), kSegmentReduceThreads, 0,
+            SegmentReduceParams<in_t>{in, ptr_or_null<int64_t>(perm), offsets.data_ptr<int64_t>(), n, rows, s, m,
+                                      is_max, all_columns, out.data_ptr<double>()});
+}
+
+// Pixels per class as float64 (the n_k of the iterations), from the segment offsets.
+inline at::Tensor segment_counts(const at::Tensor& offsets) {
+  return (offsets.slice(0, 1) - offsets.slice(0, 0, -1)).to(at::kDouble);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> sinkhorn(const at::Tensor& scores, const at::Tensor& labels,
+                                            int64_t num_classes, int64_t iterations, double epsilon) {
+  Exec ex(scores.device());
+  check_sinkhorn_args(scores, labels, num_classes, iterations, epsilon);
+  const int64_t n = scores.size(0), m = scores.size(1), k = num_classes;
+  auto q = at::zeros({n, m}, scores.options().dtype(at::kFloat));
+  auto assignment = at::full({n}, -1, labels.options());
+  if (n == 0) return {q, assignment};
+  const auto lab = labels.contiguous();
+  check_range_device(ex, lab, k, "labels", "num_classes", /*allow_negative=*/true, 0, false);
+  const auto s = scores.contiguous();
+  at::Tensor keys, perm, offsets;
+  std::tie(keys, perm, offsets) = sort_by_segment(ex, lab, k);
+  const auto count = segment_counts(offsets);
+  const auto f64 = scores.options().dtype(at::kDouble);
+  auto L = at::empty({n, m}, f64);
+  auto class_stat = at::empty({k}, f64);
+  auto rows = at::empty({k, m}, f64);
+  const int64_t* kp = keys.data_ptr<int64_t>();
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  const double* cp = count.data_ptr<double>();
+  double* lp = L.data_ptr<double>();
+  constexpr int kT = kSinkhornThreads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "sinkhorn_cuda", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    launch_segment_reduce(ex, sp, perm, offsets, n, m, /*is_max=*/true, /*all_columns=*/true, class_stat);
+    ex.launch(sinkhorn_init_kernel<scalar_t>, grid_for(n * m, kT), kT, 0,
+              SinkhornInitParams<scalar_t>{sp, pp, kp, n, m, k, class_stat.data_ptr<double>(), epsilon, lp});
+  });
+  const at::Tensor no_perm;  // L is already in sorted order
+  launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, true, class_stat);
+  ex.launch(sinkhorn_scale_kernel<kT>, grid_for(n * m, kT), kT, 0,
+            SinkhornScaleParams{kp, n, m, k, class_stat.data_ptr<double>(), lp});
+  for (int64_t it = 0; it < iterations; ++it) {
+    launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, false, rows);
+    ex.launch(sinkhorn_step_kernel<kT>, grid_for(n, kT), kT, 0,
+              SinkhornStepParams{kp, cp, n, m, k, rows.data_ptr<double>(), lp});
+  }
+  ex.launch(sinkhorn_finish_kernel<kT>, grid_for(n, kT), kT, 0,
+            SinkhornFinishParams{kp, pp, cp, n, m, k, lp, q.data_ptr<float>(), assignment.data_ptr<int64_t>()});
+  return {q, assignment};
+}
+
+// ---- the steps of sinkhorn, for a distributed caller (csrc/protoseg.cpp) ----
+// The per-pixel kernels run on the plan in pixel order (keys = labels, perm null). Only
+// sinkhorn_segments synchronises with the host (its range check of the labels, and reading
+// back how many pixels are labelled).
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> sinkhorn_segments(const at::Tensor& labels, int64_t num_classes) {
+  Exec ex(labels.device());
+  check_segments_args(labels, num_classes);
+  const auto lab = labels.contiguous();
+  check_range_device(ex, lab, num_classes, "labels", "num_classes", /*allow_negative=*/true, 0, false);
+  auto [keys, perm, offsets] = sort_by_segment(ex, lab, num_classes);
+  // Ignored pixels sort last (key K): perm keeps the labelled ones, as the CPU's counting sort.
+  const int64_t valid = offsets[num_classes].template item<int64_t>();
+  return {perm.slice(0, 0, valid).clone(), offsets};
+}
+
+template <class Exec>
+at::Tensor segment_reduce(const at::Tensor& values, const at::Tensor& perm, const at::Tensor& offsets,
+                          bool is_max, bool all_columns) {
+  Exec ex(values.device());
+  check_segment_reduce_args(values, perm, offsets);
+  const int64_t rows = values.size(0), m = values.size(1), s = offsets.numel() - 1;
+  const auto v = values.contiguous();
+  const auto pm = perm.contiguous();
+  const auto off = offsets.contiguous();
+  auto out = at::empty(all_columns ? at::IntArrayRef{s} : at::IntArrayRef{s, m}, values.options().dtype(at::kDouble));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "segment_reduce_cuda", [&] {
+    launch_segment_reduce(ex, v.data_ptr<scalar_t>(), pm, off, rows, m, is_max, all_columns, out);
+  });
+  return out;
+}
+
+template <class Exec>
+at::Tensor sinkhorn_exp(const at::Tensor& scores, const at::Tensor& labels, const at::Tensor& class_max,
+                        double epsilon) {
+  Exec ex(scores.device());
+  check_sinkhorn_exp_args(scores, labels, class_max, epsilon);
+  const int64_t n = scores.size(0), m = scores.size(1);
+  const auto s = scores.contiguous();
+  const auto lab = labels.contiguous();
+  const auto mx = class_max.contiguous();
+  auto plan = at::zeros({n, m}, scores.options().dtype(at::kDouble));
+  constexpr int kT = kSinkhornThreads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "sinkhorn_exp_cuda", [&] {
+    ex.launch(sinkhorn_init_kernel<scalar_t>, grid_for(n * m, kT), kT, 0,
+              SinkhornInitParams<scalar_t>{s.data_ptr<scalar_t>(), nullptr, lab.data_ptr<int64_t>(), n, m,
+                                           mx.numel(), mx.data_ptr<double>(), epsilon, plan.data_ptr<double>()});
+  });
+  return plan;
+}
+
+template <class Exec>
+at::Tensor sinkhorn_scale(const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& class_total) {
+  Exec ex(plan.device());
+  check_plan_args(plan, labels, class_total, "class_total", 1);
+  const int64_t n = plan.size(0), m = plan.size(1);
+  auto out = plan.contiguous().clone();
+  const auto lab = labels.contiguous();
+  const auto total = class_total.contiguous();
+  constexpr int kT = kSinkhornThreads;
+  ex.launch(sinkhorn_scale_kernel<kT>, grid_for(n * m, kT), kT, 0,
+            SinkhornScaleParams{lab.data_ptr<int64_t>(), n, m, total.numel(), total.data_ptr<double>(),
+                                out.data_ptr<double>()});
+  return out;
+}
+
+template <class Exec>
+at::Tensor sinkhorn_step(const at::Tensor& plan, const at::Tensor& labels, const at::Tensor& rows,
+                         const at::Tensor& count) {
+  Exec ex(plan.device());
+  check_sinkhorn_step_args(plan, labels, rows, count);
+  const int64_t n = plan.size(0), m = plan.size(1);
+  auto out = plan.contiguous().clone();
+  const auto lab = labels.contiguous();
+  const auto r = rows.contiguous();
+  const auto c = count.contiguous();
+  constexpr int kT = kSinkhornThreads;
+  ex.launch(sinkhorn_step_kernel<kT>, grid_for(n, kT), kT, 0,
+            SinkhornStepParams{lab.data_ptr<int64_t>(), c.data_ptr<double>(), n, m, c.numel(), r.data_ptr<double>(),
+                               out.data_ptr<double>()});
+  return out;
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> sinkhorn_finish(const at::Tensor& plan, const at::Tensor& labels,
+                                                   const at::Tensor& count) {
+  Exec ex(plan.device());
+  check_plan_args(plan, labels, count, "count", 1);
+  const int64_t n = plan.size(0), m = plan.size(1);
+  const auto L = plan.contiguous();
+  const auto lab = labels.contiguous();
+  const auto c = count.contiguous();
+  auto q = at::zeros({n, m}, plan.options().dtype(at::kFloat));
+  auto assignment = at::full({n}, -1, labels.options());
+  constexpr int kT = kSinkhornThreads;
+  ex.launch(sinkhorn_finish_kernel<kT>, grid_for(n, kT), kT, 0,
+            SinkhornFinishParams{lab.data_ptr<int64_t>(), nullptr, c.data_ptr<double>(), n, m, c.numel(),
+                                 L.data_ptr<double>(), q.data_ptr<float>(), assignment.data_ptr<int64_t>()});
+  return {q, assignment};
+}
+
+}  // namespace cuda
+}  // namespace protoseg
+#endif  // __CUDA_ARCH__

@@ -1,9 +1,10 @@
-// EmuExec: the `Exec` of csrc/cuda/launchers.h on the CPU grid executor (grid_executor.h), for
+// EmuExec: the `Exec` of the launch sequences in csrc/cuda/<op>.cuh on the CPU grid executor (grid_executor.h), for
 // CPU tensors: the emulated tests run the shipped launch sequence, with torch's CPU GEMM and
 // sort standing in for cuBLAS and cub.
 //
 // In record-only mode (benchmarks/cuda_roofline.py) nothing executes: every launch and GEMM
-// appends its name and its global-memory bytes and FLOPs (launch_costs.h) to ps_emu::records,
+// appends its name and its global-memory bytes and FLOPs (the kernel's launch_cost, next to it
+// in csrc/cuda/<op>.cuh) to ps_emu::records,
 // so the shipped launch sequence can be costed at sizes the executor could never run.
 #pragma once
 
@@ -15,7 +16,7 @@
 #include <vector>
 
 #include "grid_executor.h"
-#include "launch_costs.h"
+#include "cuda/common.cuh"
 
 namespace ps_emu {
 
@@ -24,6 +25,7 @@ struct Record {
   double read, written, flops;
 };
 inline bool record_only = false;
+inline int64_t tile_budget = int64_t{1} << 25;  // entries of the [rows, K*M] tile (small values force chunking)
 inline std::mutex records_mutex;
 inline std::vector<Record> records;
 
@@ -38,7 +40,9 @@ namespace protoseg {
 namespace cuda {
 
 struct EmuExec {
-  int64_t tile_budget = int64_t{1} << 25;
+  int64_t tile_budget = ps_emu::tile_budget;
+
+  explicit EmuExec(at::Device) {}
 
   template <class P>
   void launch(void (*kernel)(P), ps::Dim3 grid, ps::Dim3 block, std::size_t dynamic_smem, const P& params) const {

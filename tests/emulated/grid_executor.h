@@ -14,7 +14,7 @@
 //     warp barrier, reads its source lane's value, warp barrier;
 //   - atomics are std::atomic_ref operations (portability.h).
 //
-// emu_exec.h makes it the `Exec` of csrc/cuda/launchers.h.
+// emu_exec.h makes it the `Exec` of the launch sequences in csrc/cuda/<op>.cuh.
 #pragma once
 
 #include <cxxabi.h>

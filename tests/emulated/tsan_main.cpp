@@ -1,6 +1,6 @@
 // ThreadSanitizer run of the emulated CUDA kernels (tests/test_emulated_tsan.py builds this with
 // -fsanitize=thread and runs it). Every kernel runs on several blocks through the shipped launch
-// sequence (csrc/cuda/launchers.h) on the CPU grid executor, whose host threads are real
+// sequences (csrc/cuda/<op>.cuh) on the CPU grid executor, whose host threads are real
 // threads: a missing __syncthreads, a shared-memory race or a cross-block write conflict in the
 // device code is reported as a data race. libtorch itself is not instrumented (its GEMM and
 // sort run single-threaded here: OMP_NUM_THREADS=1).
@@ -8,44 +8,48 @@
 
 #include <cstdio>
 
-#include "cuda/launchers.h"
+#include "cuda/proto_contrast_loss.cuh"
+#include "cuda/proto_similarity.cuh"
+#include "cuda/proto_train.cuh"
+#include "cuda/scatter_mean.cuh"
+#include "cuda/sinkhorn.cuh"
 #include "emu_exec.h"
 
 namespace pc = protoseg::cuda;
+using Exec = pc::EmuExec;
 
 int main() {
   at::manual_seed(0);
-  pc::EmuExec ex;
   const int64_t n = 300, d = 40, k = 4, m = 3;
-  ex.tile_budget = 170 * k * m;  // two chunks, the second partial
+  ps_emu::tile_budget = 170 * k * m;  // two chunks, the second partial
   auto x = at::randn({n, d});
   auto p = at::randn({k, m, d});
   auto labels = at::randint(-1, k, {n}, at::kLong);
 
-  auto [scores, index] = pc::proto_similarity(ex, x, p);
-  auto gx1 = pc::proto_similarity_backward(ex, at::randn({n, k}), x, p, index);
-  auto [s2, i2, own, lse, weighted, x_hat, stats] = pc::proto_train(ex, x, p, labels, 0.1, {}, {}, 1e-5);
-  auto gx2 = std::get<0>(pc::proto_train_backward(ex, at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
+  auto [scores, index] = pc::proto_similarity<Exec>(x, p);
+  auto gx1 = pc::proto_similarity_backward<Exec>(at::randn({n, k}), x, p, index);
+  auto [s2, i2, own, lse, weighted, x_hat, stats] = pc::proto_train<Exec>(x, p, labels, 0.1, {}, {}, 1e-5);
+  auto gx2 = std::get<0>(pc::proto_train_backward<Exec>(at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
                                                   labels, i2, weighted, 0.1, {}, {}, stats));
   // With the feature LayerNorm: the ATen composite runs first, then the same pass.
   const auto weight = at::rand({d}) + 0.5, bias = at::randn({d});
-  auto [s5, i5, own5, lse5, weighted5, x_hat5, stats5] = pc::proto_train(ex, x, p, labels, 0.1, weight, bias, 1e-5);
-  auto [gx5, gw5, gb5] = pc::proto_train_backward(ex, at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
+  auto [s5, i5, own5, lse5, weighted5, x_hat5, stats5] = pc::proto_train<Exec>(x, p, labels, 0.1, weight, bias, 1e-5);
+  auto [gx5, gw5, gb5] = pc::proto_train_backward<Exec>(at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
                                                   labels, i5, weighted5, 0.1, weight, bias, stats5);
   auto target = at::where(labels >= 0, labels * m, at::full_like(labels, -1));
-  auto [ppc, ppd] = pc::proto_contrast_loss(ex, x, p, target, 0.1, -1);
-  auto gx3 = pc::proto_contrast_loss_backward(ex, at::ones({}), at::ones({}), x, p, target, 0.1, -1);
-  auto [q, assignment] = pc::sinkhorn(ex, own, labels, k, 3, 0.05);
+  auto [ppc, ppd] = pc::proto_contrast_loss<Exec>(x, p, target, 0.1, -1);
+  auto gx3 = pc::proto_contrast_loss_backward<Exec>(at::ones({}), at::ones({}), x, p, target, 0.1, -1);
+  auto [q, assignment] = pc::sinkhorn<Exec>(own, labels, k, 3, 0.05);
   // The distributed caller's steps of sinkhorn (csrc/protoseg.cpp), composed in one process.
-  auto [perm, offsets] = pc::sinkhorn_segments(ex, labels, k);
+  auto [perm, offsets] = pc::sinkhorn_segments<Exec>(labels, k);
   const auto n_k = (offsets.slice(0, 1) - offsets.slice(0, 0, -1)).to(at::kDouble);
-  auto plan = pc::sinkhorn_exp(ex, own, labels, pc::segment_reduce(ex, own, perm, offsets, true, true), 0.05);
-  plan = pc::sinkhorn_scale(ex, plan, labels, pc::segment_reduce(ex, plan, perm, offsets, false, true));
+  auto plan = pc::sinkhorn_exp<Exec>(own, labels, pc::segment_reduce<Exec>(own, perm, offsets, true, true), 0.05);
+  plan = pc::sinkhorn_scale<Exec>(plan, labels, pc::segment_reduce<Exec>(plan, perm, offsets, false, true));
   for (int it = 0; it < 3; ++it)
-    plan = pc::sinkhorn_step(ex, plan, labels, pc::segment_reduce(ex, plan, perm, offsets, false, false), n_k);
-  auto [q_steps, assignment_steps] = pc::sinkhorn_finish(ex, plan, labels, n_k);
-  auto [mean, count] = pc::scatter_mean(ex, x, labels, k);
-  auto gx4 = pc::scatter_mean_backward(ex, at::randn({k, d}), labels, count);
+    plan = pc::sinkhorn_step<Exec>(plan, labels, pc::segment_reduce<Exec>(plan, perm, offsets, false, false), n_k);
+  auto [q_steps, assignment_steps] = pc::sinkhorn_finish<Exec>(plan, labels, n_k);
+  auto [mean, count] = pc::scatter_mean<Exec>(x, labels, k);
+  auto gx4 = pc::scatter_mean_backward<Exec>(at::randn({k, d}), labels, count);
 
   // Small sanity checks (the numerics are tested in tests/test_emulated.py).
   const bool ok = at::allclose(s2, scores) && at::equal(i2, index) && gx1.isfinite().all().item<bool>() &&
