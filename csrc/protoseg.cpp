@@ -1,6 +1,6 @@
 // Every protoseg operator schema, in one place. Kernels live in cpu/<op>.cpp and
 // cuda/<op>.cu and register themselves; fake kernels, autograd and autocast rules are
-// registered in Python (protoseg.ops); set_python_module names the module of the fake kernels.
+// registered in Python (protoseg.ops); set_python_module names, per op, the module that registers its fake.
 //
 // Shapes (N pixels, D channels, K classes, M prototypes per class, S segments):
 //   x [N, D], prototypes [K, M, D] (both L2-normalised inside the ops),
@@ -10,7 +10,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(protoseg, m) {
-  m.set_python_module("protoseg.ops._fake");
+  // Each group names the Python module that registers its fake kernels (beside the wrappers).
+  m.set_python_module("protoseg.ops.similarity");
 
   // scores[n, k] = max_m <x_n, p_km>, index[n, k] = argmax (ties to the smallest m).
   m.def("proto_similarity(Tensor x, Tensor prototypes) -> (Tensor scores, Tensor index)");
@@ -47,6 +48,8 @@ TORCH_LIBRARY(protoseg, m) {
       "Tensor prototypes, Tensor labels, Tensor index, Tensor weighted, float temperature, Tensor? weight, "
       "Tensor? bias, Tensor stats) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
+  m.set_python_module("protoseg.ops.segments");
+
   // Sinkhorn-Knopp equipartition of each class's pixels over its M prototypes, all classes at once.
   m.def(
       "sinkhorn(Tensor scores, Tensor labels, int num_classes, int iterations, float epsilon) "
@@ -70,6 +73,8 @@ TORCH_LIBRARY(protoseg, m) {
   m.def("sinkhorn_step(Tensor plan, Tensor labels, Tensor rows, Tensor count) -> Tensor");
   m.def("sinkhorn_finish(Tensor plan, Tensor labels, Tensor count) -> (Tensor q, Tensor assignment)");
 
+  m.set_python_module("protoseg.ops.embedding");
+
   // The embedding normalisation of docs/design.md section 1, inference step 2, fused:
   //   out = y / max(||y||, 1e-12) with y = LayerNorm_D(x; weight, bias, eps),
   //   stats [N, 3] fp32/fp64 = (mean, rstd, ||y||) per row, kept for the backward.
@@ -77,6 +82,8 @@ TORCH_LIBRARY(protoseg, m) {
   m.def(
       "layer_norm_normalize_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor stats) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  m.set_python_module("protoseg.ops.segments");
 
   // Deterministic segment mean: mean[s] = mean of x[n] over index[n] == s.
   m.def("scatter_mean(Tensor x, Tensor index, int num_segments) -> (Tensor mean, Tensor count)");

@@ -1,8 +1,13 @@
-"""Helpers shared by the op modules' registrations."""
+"""Helpers shared by the op modules' registrations.
+
+The fake (meta) kernels beside each op (output shapes and dtypes for torch.compile, opcheck and
+meta tensors) repeat the C++ checks that do not read tensor values (ranks, sizes, dtypes,
+devices), with the same messages naming the argument; the helpers below are those checks."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -22,3 +27,44 @@ def forbid_double_backward(op_name: str) -> None:
         raise RuntimeError(f"{op_name} is not differentiable: double backward through protoseg ops is not supported")
 
     torch.library.register_autograd(op_name, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check(cond, message: str) -> None:
+    torch._check(cond, lambda: message)
+
+
+def same_device(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    check(t.device == ref.device, f"{name} must be on the same device as {ref_name} (got {t.device} and {ref.device})")
+
+
+def check_embeddings(x: Tensor, prototypes: Tensor | None = None) -> None:
+    check(x.dim() == 2, f"x must be [N, D] (got {list(x.shape)})")
+    check(x.dtype.is_floating_point, f"x must be float16, bfloat16, float32 or float64 (got {x.dtype})")
+    if prototypes is not None:
+        check(
+            prototypes.dim() == 3 and prototypes.shape[2] == x.shape[1],
+            f"prototypes must be [K, M, D] with D == x.size(1) (got {list(prototypes.shape)} and x {list(x.shape)})",
+        )
+        check(prototypes.dtype == x.dtype, f"prototypes must have the dtype of x (got {prototypes.dtype} and x {x.dtype})")
+        same_device(prototypes, x, "prototypes", "x")
+
+
+def check_index_vector(t: Tensor, name: str, x: Tensor, x_name: str = "x") -> None:
+    check(t.dtype == torch.int64, f"{name} must be int64 (got {t.dtype})")
+    check(t.dim() == 1 and t.shape[0] == x.shape[0], f"{name} must be [N] with N == {x_name}.size(0)")
+    same_device(t, x, name, x_name)
+
+
+def check_layer_norm_args(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    check_embeddings(x)
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        check(
+            t.dim() == 1 and t.shape[0] == x.shape[1],
+            f"{name} must be [D] with D == x.size(1) == {x.shape[1]} (got {list(t.shape)})",
+        )
+        check(t.dtype == x.dtype, f"{name} must have the dtype of x (got {t.dtype} and x {x.dtype})")
+        same_device(t, x, name, "x")

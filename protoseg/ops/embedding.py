@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from protoseg.ops._registration import autocast_to_float32, forbid_double_backward
+from protoseg.ops._registration import (
+    acc_dtype,
+    autocast_to_float32,
+    check,
+    check_layer_norm_args,
+    forbid_double_backward,
+)
+
+__all__ = ["layer_norm_normalize"]  # protoseg.ops re-exports these
 
 _ops = torch.ops.protoseg
 
@@ -50,3 +58,23 @@ def _backward(ctx, grad_out, _grad_stats):
 torch.library.register_autograd("protoseg::layer_norm_normalize", _backward, setup_context=_setup)
 autocast_to_float32("protoseg::layer_norm_normalize")
 forbid_double_backward("protoseg::layer_norm_normalize_backward")
+
+
+# ---- fake kernels (see _registration.py) ----
+
+
+
+
+@torch.library.register_fake("protoseg::layer_norm_normalize")
+def _(x, weight, bias, eps):
+    check_layer_norm_args(x, weight, bias)
+    check(0 <= eps < float("inf"), f"eps must be a non-negative finite number (got {eps})")
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 3, dtype=acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("protoseg::layer_norm_normalize_backward")
+def _(grad_out, x, weight, bias, stats):
+    check_layer_norm_args(x, weight, bias)
+    check(grad_out.shape == x.shape, f"grad_out must be {list(x.shape)} (got {list(grad_out.shape)})")
+    check(stats.shape == (x.shape[0], 3), f"stats must be [{x.shape[0]}, 3] (got {list(stats.shape)})")
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)

@@ -8,7 +8,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from protoseg.ops._registration import autocast_to_float32, forbid_double_backward
+from protoseg.ops._registration import (
+    autocast_to_float32,
+    check,
+    check_embeddings,
+    check_index_vector,
+    forbid_double_backward,
+    same_device,
+)
+
+__all__ = ["scatter_mean", "sinkhorn", "sinkhorn_reduced"]  # protoseg.ops re-exports these
 
 _ops = torch.ops.protoseg
 
@@ -114,3 +123,92 @@ def _sinkhorn_backward(ctx, _grad_q, _grad_assignment):
 torch.library.register_autograd("protoseg::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup)
 autocast_to_float32("protoseg::sinkhorn")
 forbid_double_backward("protoseg::scatter_mean_backward")
+
+
+# ---- fake kernels (see _registration.py) ----
+
+
+@torch.library.register_fake("protoseg::sinkhorn")
+def _(scores, labels, num_classes, iterations, epsilon):
+    check(scores.dim() == 2, f"scores must be [N, M] (got {list(scores.shape)})")
+    check_index_vector(labels, "labels", scores, "scores")
+    return scores.new_empty(scores.shape, dtype=torch.float32), labels.new_empty(labels.shape)
+
+
+@torch.library.register_fake("protoseg::sinkhorn_segments")
+def _(labels, num_classes):
+    check(labels.dim() == 1 and labels.dtype == torch.int64, f"labels must be an [N] int64 vector (got {labels.dtype} {list(labels.shape)})")
+    check(num_classes >= 1, f"num_classes must be >= 1 (got {num_classes})")
+    valid = torch.library.get_ctx().new_dynamic_size()
+    return labels.new_empty(valid), labels.new_empty(num_classes + 1)
+
+
+@torch.library.register_fake("protoseg::segment_reduce")
+def _(values, perm, offsets, is_max, all_columns):
+    check(values.dim() == 2, f"values must be [N, M] (got {list(values.shape)})")
+    check(perm.dim() == 1 and perm.dtype == torch.int64, "perm must be an int64 vector")
+    check(offsets.dim() == 1 and offsets.numel() >= 1 and offsets.dtype == torch.int64,
+           "offsets must be an [S + 1] int64 vector")
+    same_device(perm, values, "perm", "values")
+    same_device(offsets, values, "offsets", "values")
+    shape = (offsets.shape[0] - 1,) if all_columns else (offsets.shape[0] - 1, values.shape[1])
+    return values.new_empty(shape, dtype=torch.float64)
+
+
+def _marginal(t: Tensor, name: str, dim: int, ref: Tensor, ref_name: str) -> None:
+    check(t.dim() == dim and t.dtype == torch.float64 and t.shape[0] >= 1,
+           f"{name} must be a float64 {'[K]' if dim == 1 else '[K, M]'} tensor (got {t.dtype} {list(t.shape)})")
+    if dim == 2:
+        check(t.shape[1] == ref.shape[1], f"{name} must have {ref_name}.size(1) = {ref.shape[1]} columns")
+    same_device(t, ref, name, ref_name)
+
+
+def _plan(plan: Tensor, labels: Tensor) -> None:
+    check(plan.dim() == 2 and plan.dtype == torch.float64,
+           f"plan must be a float64 [N, M] tensor (got {plan.dtype} {list(plan.shape)})")
+    check_index_vector(labels, "labels", plan, "plan")
+
+
+@torch.library.register_fake("protoseg::sinkhorn_exp")
+def _(scores, labels, class_max, epsilon):
+    check(scores.dim() == 2, f"scores must be [N, M] (got {list(scores.shape)})")
+    check_index_vector(labels, "labels", scores, "scores")
+    _marginal(class_max, "class_max", 1, scores, "scores")
+    return scores.new_empty(scores.shape, dtype=torch.float64)
+
+
+@torch.library.register_fake("protoseg::sinkhorn_scale")
+def _(plan, labels, class_total):
+    _plan(plan, labels)
+    _marginal(class_total, "class_total", 1, plan, "plan")
+    return plan.new_empty(plan.shape)
+
+
+@torch.library.register_fake("protoseg::sinkhorn_step")
+def _(plan, labels, rows, count):
+    _plan(plan, labels)
+    _marginal(rows, "rows", 2, plan, "plan")
+    _marginal(count, "count", 1, plan, "plan")
+    check(count.shape[0] == rows.shape[0], f"count must be [K] with K == rows.size(0) = {rows.shape[0]}")
+    return plan.new_empty(plan.shape)
+
+
+@torch.library.register_fake("protoseg::sinkhorn_finish")
+def _(plan, labels, count):
+    _plan(plan, labels)
+    _marginal(count, "count", 1, plan, "plan")
+    return plan.new_empty(plan.shape, dtype=torch.float32), labels.new_empty(labels.shape)
+
+
+
+@torch.library.register_fake("protoseg::scatter_mean")
+def _(x, index, num_segments):
+    check_embeddings(x)
+    check_index_vector(index, "index", x)
+    check(num_segments >= 0, f"num_segments must be >= 0 (got {num_segments})")
+    return x.new_empty(num_segments, x.shape[1]), index.new_empty(num_segments)
+
+
+@torch.library.register_fake("protoseg::scatter_mean_backward")
+def _(grad_mean, index, count):
+    return grad_mean.new_empty(index.shape[0], grad_mean.shape[1])

@@ -13,7 +13,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from protoseg.ops._registration import autocast_to_float32, forbid_double_backward
+from protoseg.ops._registration import (
+    acc_dtype,
+    autocast_to_float32,
+    check,
+    check_embeddings,
+    check_index_vector,
+    check_layer_norm_args,
+    forbid_double_backward,
+)
+
+__all__ = ["TrainPass", "proto_contrast_loss", "proto_similarity", "proto_train"]  # protoseg.ops re-exports these
 
 _ops = torch.ops.protoseg
 
@@ -182,3 +192,72 @@ for _name in ("proto_similarity", "proto_contrast_loss", "proto_train"):
     autocast_to_float32(f"protoseg::{_name}")
 for _name in ("proto_similarity_backward", "proto_contrast_loss_backward", "proto_train_backward"):
     forbid_double_backward(f"protoseg::{_name}")
+
+
+# ---- fake kernels (see _registration.py) ----
+
+
+@torch.library.register_fake("protoseg::proto_similarity")
+def _(x, prototypes):
+    check_embeddings(x, prototypes)
+    n, k = x.shape[0], prototypes.shape[0]
+    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64)
+
+
+@torch.library.register_fake("protoseg::proto_similarity_backward")
+def _(grad_scores, x, prototypes, index):
+    check_embeddings(x, prototypes)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("protoseg::proto_contrast_loss")
+def _(x, prototypes, target, temperature, ignore_index):
+    check_embeddings(x, prototypes)
+    check_index_vector(target, "target", x)
+    return x.new_empty(()), x.new_empty(())
+
+
+@torch.library.register_fake("protoseg::proto_contrast_loss_backward")
+def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
+    check_embeddings(x, prototypes)
+    check_index_vector(target, "target", x)
+    return x.new_empty(x.shape)
+
+
+def _optional_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    check(
+        (weight is None) == (bias is None),
+        f"weight and bias must be given together (got weight {'None' if weight is None else 'a tensor'} "
+        f"and bias {'None' if bias is None else 'a tensor'})",
+    )
+    if weight is not None:
+        check_layer_norm_args(x, weight, bias)
+    return weight is not None
+
+
+@torch.library.register_fake("protoseg::proto_train")
+def _(x, prototypes, labels, temperature, weight=None, bias=None, eps=1e-5):
+    check_embeddings(x, prototypes)
+    check_index_vector(labels, "labels", x)
+    _optional_layer_norm(x, weight, bias)
+    n, d = x.shape
+    k, m = prototypes.shape[0], prototypes.shape[1]
+    acc = acc_dtype(x.dtype)
+    return (
+        x.new_empty(n, k),
+        x.new_empty(n, k, dtype=torch.int64),
+        x.new_empty(n, m, dtype=acc),
+        x.new_empty(n, dtype=acc),
+        x.new_empty(n, d, dtype=acc),
+        x.new_empty(n, d),
+        x.new_empty(n, 3, dtype=acc),
+    )
+
+
+@torch.library.register_fake("protoseg::proto_train_backward")
+def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature, weight, bias, stats):
+    check_embeddings(x, prototypes)
+    check_index_vector(labels, "labels", x)
+    if _optional_layer_norm(x, weight, bias):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0)
