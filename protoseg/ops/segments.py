@@ -59,22 +59,27 @@ def sinkhorn_reduced(
     per-(class, prototype) row sums [K, M]. With an all-reduce over processes it is Sinkhorn over
     the batch of every process; with none it is :func:`sinkhorn` (bitwise on the CPU).
     """
-    k = int(num_classes)
+    return compose_sinkhorn(_ops, scores, labels, int(num_classes), int(iterations), float(epsilon), all_reduce)
+
+
+def compose_sinkhorn(P, scores, labels, k, iterations, epsilon, all_reduce=None):
+    """The composition of :func:`sinkhorn_reduced` over the step ops of namespace ``P``
+    (``torch.ops.protoseg``; tests/test_emulated.py passes the emulated CUDA launch sequences)."""
     reduce = all_reduce or (lambda t, op: None)
-    perm, offsets = _ops.sinkhorn_segments(labels, k)
-    class_max = _ops.segment_reduce(scores, perm, offsets, True, True)
+    perm, offsets = P.sinkhorn_segments(labels, k)
+    class_max = P.segment_reduce(scores, perm, offsets, True, True)
     count = (offsets[1:] - offsets[:-1]).to(torch.float64)
     reduce(class_max, "max")
     reduce(count, "sum")
-    plan = _ops.sinkhorn_exp(scores, labels, class_max, float(epsilon))
-    total = _ops.segment_reduce(plan, perm, offsets, False, True)
+    plan = P.sinkhorn_exp(scores, labels, class_max, epsilon)
+    total = P.segment_reduce(plan, perm, offsets, False, True)
     reduce(total, "sum")
-    plan = _ops.sinkhorn_scale(plan, labels, total)
-    for _ in range(int(iterations)):
-        rows = _ops.segment_reduce(plan, perm, offsets, False, False)
+    plan = P.sinkhorn_scale(plan, labels, total)
+    for _ in range(iterations):
+        rows = P.segment_reduce(plan, perm, offsets, False, False)
         reduce(rows, "sum")
-        plan = _ops.sinkhorn_step(plan, labels, rows, count)
-    return _ops.sinkhorn_finish(plan, labels, count)
+        plan = P.sinkhorn_step(plan, labels, rows, count)
+    return P.sinkhorn_finish(plan, labels, count)
 
 
 def scatter_mean(x: Tensor, index: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
