@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <torch/version.h>
+
 #include <optional>
 
 #include "cuda/common.cuh"
@@ -41,9 +43,21 @@ class CudaExec {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // cuBLAS through ATen, which guards its own device and follows torch's matmul precision
-  // settings (TF32 where torch.backends.cuda.matmul.allow_tf32 allows it).
-  void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+  // out = a b through cuBLAS (ATen), which guards its own device and follows torch's matmul
+  // precision settings (TF32 where torch.backends.cuda.matmul.allow_tf32 allows it). Half-precision
+  // a and b with a float32 `out` multiply in their own dtype with fp32 accumulation (torch >= 2.8;
+  // older ones multiply float32 copies).
+  void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    if (out.scalar_type() == a.scalar_type()) {
+      at::mm_out(out, a, b);
+      return;
+    }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    at::mm_out(out, a, b, out.scalar_type());
+#else
+    at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
+#endif
+  }
 
  private:
   at::Device device_;

@@ -357,32 +357,31 @@ struct PassOutputs {
 
 // x [N, D] (any strides) against p_hat [K*M, D], per chunk of rows: the tile of products
 // (cuBLAS), the fused epilogue (which, for `weighted`, leaves the row softmax in the tile), and
-// the second GEMM softmax(S) p_hat. In float32/float64 the GEMM reads x itself and the epilogue
-// scales each row by 1 / ||x|| (only the reciprocal norms are written first); half-precision x
-// is normalised into an acc_t buffer, the GEMMs' input type. Workspaces are allocated once per
-// call and reused by every chunk (same stream, so no chunk overwrites a buffer still being read).
+// the second GEMM softmax(S) p_hat. The first GEMM reads x itself, in its own dtype: half-precision
+// x against p_hat rounded to that dtype, products accumulated and written in fp32; the epilogue
+// scales each row by 1 / ||x|| (only the reciprocal norms are written first). Workspaces are
+// allocated once per call and reused by every chunk (same stream, so no chunk overwrites a
+// buffer still being read).
 template <class Exec, class scalar_t>
 void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
                     const PassOutputs<scalar_t>& out) {
   using acc = acc_t<scalar_t>;
-  constexpr bool kRawRows = std::is_same_v<scalar_t, acc>;
   const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
   const int64_t rows = chunk_rows(n, km, ex.tile_budget);
-  auto xbuf = kRawRows ? at::Tensor() : at::empty({rows, d}, p_hat.options());
-  auto inv_norm = kRawRows ? at::empty({rows}, p_hat.options()) : at::Tensor();
+  auto inv_norm = at::empty({rows}, p_hat.options());
   auto tile = at::empty({rows, km}, p_hat.options());
-  const at::Tensor p_hat_t = p_hat.t();
+  const at::Tensor p_gemm_t = (std::is_same_v<scalar_t, acc> ? p_hat : p_hat.to(x.scalar_type())).t();
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   constexpr int kRows = kEpilogueThreads / kWarpSize;
   for (int64_t start = 0; start < n; start += rows) {
     const int64_t r = std::min(rows, n - start);
-    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), ptr_or_null<acc>(xbuf),
-                                 ptr_or_null<acc>(inv_norm)};
+    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), nullptr,
+                                 inv_norm.data_ptr<acc>()};
     ex.launch(normalize_rows_kernel<scalar_t>, grid_for(r, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
     auto s_view = tile.narrow(0, 0, r);
-    ex.gemm(s_view, kRawRows ? x.narrow(0, start, r) : xbuf.narrow(0, 0, r), p_hat_t);
-    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), ptr_or_null<acc>(inv_norm), r, start, k_classes, m_protos,
+    ex.gemm(s_view, x.narrow(0, start, r), p_gemm_t);
+    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), inv_norm.data_ptr<acc>(), r, start, k_classes, m_protos,
                                 out.scores, out.index, out.labels, out.own, out.target, out.target_logit, out.lse,
                                 out.weighted.defined(), static_cast<acc>(1.0 / out.temperature)};
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);

@@ -55,7 +55,8 @@ struct EmuExec {
 
   void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
     if (!ps_emu::record_only) {
-      at::mm_out(out, a, b);
+      // Half-precision inputs with a float32 out: exact products, fp32 accumulation, as cuBLAS.
+      at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
       return;
     }
     const double m = a.size(0), k = a.size(1), n = b.size(1);
