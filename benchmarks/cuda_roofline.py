@@ -12,9 +12,8 @@ Cases: `proto_similarity`, and one training step of the classifier without its f
 LayerNorm (proto_train, sinkhorn, proto_train_backward, scatter_mean of the unit rows), in
   fp32: float32 x, strict fp32 GEMMs;
   tf32: float32 x, TF32 GEMMs (torch.backends.cuda.matmul.allow_tf32);
-  bf16: bfloat16 x passed to the ops directly (under autocast the classifier's ops take float32,
-        so x would first be copied up): the first GEMM in bf16 with fp32 accumulation, the
-        others (their operands are the fp32 tile and p_hat) in TF32.
+  bf16: bfloat16 x (as autocast passes it on): the first GEMM in bf16 with fp32 accumulation,
+        the others (their operands are the fp32 tile and p_hat) in TF32.
 The floor beside each: similarity, one GEMM of x against the prototypes (or reading x and
 writing the scores, if larger); the step, its three GEMMs (S, softmax(S) P, the backward's
 G P) or reading x twice and writing grad_x, whichever is larger; GEMMs at the peak of x's own

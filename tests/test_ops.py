@@ -919,8 +919,37 @@ def test_autocast_runs_sinkhorn_in_float32():
         assert rec.seen["sinkhorn.default"][0] == torch.float32
         q32, assignment32 = ops.sinkhorn(s.scores, s.labels, 4)
         assert rec.seen["sinkhorn.default"][0] == torch.float32
-        scores, _ = ops.proto_similarity(s.x.to(torch.bfloat16), s.prototypes.to(torch.bfloat16))
-        assert rec.seen["proto_similarity.default"] == [torch.float32, torch.float32]
-    assert q.dtype == q32.dtype == scores.dtype == torch.float32
+    assert q.dtype == q32.dtype == torch.float32
     assert torch.equal(q, expected_bf16[0]) and torch.equal(assignment, expected_bf16[1])
     assert torch.equal(q32, expected_f32[0]) and torch.equal(assignment32, expected_f32[1])
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_autocast_runs_the_pixel_ops_in_the_dtype_of_x(x_dtype):
+    """Under autocast x is not copied up to float32: each op sees x as it came, the prototypes and
+    the LayerNorm's float32 weight and bias cast to x's dtype (bitwise the call with those casts
+    written out, gradients to the float32 parameters included)."""
+    s = make_sample(CASE["odd"], torch.float32)
+    x = s.x.to(x_dtype)
+    g = torch.Generator().manual_seed(5)
+    w, b = 1 + 0.3 * torch.randn(s.x.shape[1], generator=g), 0.3 * torch.randn(s.x.shape[1], generator=g)
+    target = torch.where(s.labels >= 0, s.labels * s.prototypes.shape[1], torch.full_like(s.labels, -1))
+    calls = {
+        "proto_similarity.default": lambda x, p, w, b: ops.proto_similarity(x, p)[0],
+        "proto_contrast_loss.default": lambda x, p, w, b: sum(ops.proto_contrast_loss(x, p, target, 0.1, -1)),
+        "proto_train.default": lambda x, p, w, b: ops.proto_train(x, p, s.labels, 0.1, w, b).lse.sum(),
+        "layer_norm_normalize.default": lambda x, p, w, b: ops.layer_norm_normalize(x, w, b),
+    }
+    for name, call in calls.items():
+        wa, ba = w.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), _RecordDtypes() as rec:
+            out = call(x, s.prototypes, wa, ba)
+        assert set(rec.seen[name]) <= {x_dtype, torch.int64}, (name, rec.seen[name])
+        we, be = w.clone().requires_grad_(), b.clone().requires_grad_()
+        expected = call(x, s.prototypes.to(x_dtype), we.to(x_dtype), be.to(x_dtype))
+        assert out.dtype == expected.dtype and torch.equal(out, expected), name
+        if name in ("proto_train.default", "layer_norm_normalize.default"):
+            out.float().sum().backward()
+            expected.float().sum().backward()
+            assert wa.grad.dtype == torch.float32 and torch.equal(wa.grad, we.grad), name
+            assert torch.equal(ba.grad, be.grad), name

@@ -12,11 +12,34 @@ from torch import Tensor
 DEVICE_TYPES = ("cpu", "cuda")
 
 
+_LIB = torch.library.Library("protoseg", "IMPL")
+
+
 def autocast_to_float32(op_name: str) -> None:
-    """Under autocast the op sees float32 inputs: its accumulation is fp32 anyway, and Sinkhorn's
-    exp(score / 0.05) overflows in half precision."""
+    """Under autocast the op sees float32 inputs: Sinkhorn's exp(score / 0.05) overflows in half
+    precision."""
     for device_type in DEVICE_TYPES:
         torch.library.register_autocast(op_name, device_type, torch.float32)
+
+
+def autocast_to_x_dtype(op_name: str) -> None:
+    """Under autocast the op runs in the dtype of its first argument x, and its other
+    floating-point tensors (prototypes, LayerNorm weight and bias) are cast to that dtype, as
+    autocast casts a layer's weights. The kernels accumulate in fp32 whatever x's dtype, and the
+    CUDA GEMM multiplies half-precision x in its own dtype, so copying x up to float32 would cost
+    a pass over [N, D] and buy nothing."""
+    name = op_name.split("::")[1]
+    op = getattr(torch.ops.protoseg, name).default
+    for device_type in DEVICE_TYPES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, x, *rest, excluded=excluded):
+            rest = [r.to(x.dtype) if isinstance(r, Tensor) and r.is_floating_point() else r for r in rest]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(x, *rest)
+
+        _LIB.impl(name, kernel, key, with_keyset=True)
 
 
 def forbid_double_backward(op_name: str) -> None:

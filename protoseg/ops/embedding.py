@@ -10,7 +10,7 @@ from torch import Tensor
 
 from protoseg.ops._registration import (
     acc_dtype,
-    autocast_to_float32,
+    autocast_to_x_dtype,
     check,
     check_layer_norm_args,
     forbid_double_backward,
@@ -56,7 +56,7 @@ def _backward(ctx, grad_out, _grad_stats):
 
 
 torch.library.register_autograd("protoseg::layer_norm_normalize", _backward, setup_context=_setup)
-autocast_to_float32("protoseg::layer_norm_normalize")
+autocast_to_x_dtype("protoseg::layer_norm_normalize")
 forbid_double_backward("protoseg::layer_norm_normalize_backward")
 
 

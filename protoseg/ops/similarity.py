@@ -15,7 +15,7 @@ from torch import Tensor
 
 from protoseg.ops._registration import (
     acc_dtype,
-    autocast_to_float32,
+    autocast_to_x_dtype,
     check,
     check_embeddings,
     check_index_vector,
@@ -189,7 +189,7 @@ def _train_backward(ctx, grad_scores, _grad_index, grad_own, grad_lse, _grad_wei
 torch.library.register_autograd("protoseg::proto_train", _train_backward, setup_context=_train_setup)
 
 for _name in ("proto_similarity", "proto_contrast_loss", "proto_train"):
-    autocast_to_float32(f"protoseg::{_name}")
+    autocast_to_x_dtype(f"protoseg::{_name}")
 for _name in ("proto_similarity_backward", "proto_contrast_loss_backward", "proto_train_backward"):
     forbid_double_backward(f"protoseg::{_name}")
 
