@@ -112,8 +112,10 @@ at::Tensor train_backward(Exec& ex, const std::optional<at::Tensor>& grad_scores
 using TrainOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // With weight and bias, the LayerNorm and L2 normalisation run first as the ATen composite of
-// layer_norm_normalize.h, in the accumulation type, and the pass runs on those unit rows (its own
-// normalisation changes them by rounding only). The CPU fuses them into the pass.
+// layer_norm_normalize.h, in the accumulation type, and the pass runs on those unit rows rounded
+// to x's dtype, the x_hat it returns (so half-precision x keeps its half-precision GEMM; the pass's
+// own normalisation changes the rows by rounding only). The backward recomputes the rows in the
+// accumulation type. The CPU fuses them into the pass.
 template <class Exec>
 TrainOutputs proto_train(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& labels,
                          double temperature, const std::optional<at::Tensor>& weight,
@@ -129,9 +131,9 @@ TrainOutputs proto_train(const at::Tensor& x, const at::Tensor& prototypes, cons
     return {scores, index, own, lse, weighted, x_hat, stats};
   }
   auto [rows, stats] = composite::layer_norm_normalize_rows(x, *weight, *bias, eps);
-  auto [scores, index, own, lse, weighted] =
-      train_pass(ex, rows, prototypes.to(rows.scalar_type()), labels, temperature);
-  return {scores.to(x.scalar_type()), index, own, lse, weighted, rows.to(x.scalar_type()), stats};
+  auto x_hat = rows.to(x.scalar_type());
+  auto [scores, index, own, lse, weighted] = train_pass(ex, x_hat, prototypes, labels, temperature);
+  return {scores, index, own, lse, weighted, x_hat, stats};
 }
 
 template <class Exec>
