@@ -552,16 +552,89 @@ def test_record_only_costs_the_launch_sequence_without_running_it(chunked):
         chunked.set_record_only(False)
     records = chunked.take_records()
     names = [r[0].replace("protoseg::cuda::", "") for r in records]
-    assert names == ["NormalizeParams<float>"] + ["NormalizeParams<float>", "gemm Float", "EpilogueParams<float>"] * 3
+    # p_hat, then 1 / ||x|| for every row in one launch, then each chunk's GEMM and epilogue
+    assert names == ["NormalizeParams<float>"] * 2 + ["gemm Float", "EpilogueParams<float>"] * 3
     gemms = [r for r in records if r[0].startswith("gemm")]
     assert sum(r[3] for r in gemms) == 2 * n * k * m * d
     assert [r[1] for r in gemms] == [(rows * d + d * k * m) * 4 for rows in (20, 20, 10)]
-    normalize_x = [r for r in records if "Normalize" in r[0]][1:]  # float32 x: only 1 / ||x|| is written
-    assert sum(r[1] for r in normalize_x) == n * d * 4 and sum(r[2] for r in normalize_x) == n * 4
+    normalize_x = records[1]  # float32 x: only 1 / ||x|| is written
+    assert normalize_x[1] == n * d * 4 and normalize_x[2] == n * 4
     epilogue = [r for r in records if "Epilogue" in r[0]]
     assert sum(r[1] for r in epilogue) == n * k * m * 4 + n * 4  # the tile and the norms, read once
     assert sum(r[2] for r in epilogue) == n * k * (4 + 8)  # scores and index written
+    assert all(r[4] == 0 for r in records)  # no L2 modelled: every byte is HBM traffic
     assert chunked.take_records() == []
+
+
+# A tile row larger than an x row (K*M = 16 > D = 8), and an L2 cache of which kL2Share (3/4) holds
+# p_hat (16 x 8 x 4 bytes) and 128 rows of 16 * 4 (tile) + 8 * (4 + 2 * 4) (x, grad_x and the
+# [rows, D] product) bytes each: plan_chunks (csrc/cuda/prototype_pass.cuh) cuts chunks of 128 rows.
+L2_CASE = {"n": 300, "d": 8, "k": 4, "m": 4, "l2": (16 * 8 * 4 + 128 * (16 * 4 + 8 * 12)) * 4 // 3 + 8}
+
+
+@pytest.fixture
+def l2_planned(emu):
+    emu.set_l2_bytes(L2_CASE["l2"])
+    yield emu
+    emu.set_l2_bytes(0)
+
+
+def test_chunks_sized_for_l2_keep_the_tile_and_prototypes_there(l2_planned):
+    """Where a tile row outweighs an x row, the pass runs in chunks whose tile, prototypes and rows
+    fit in L2 (128, 128 and 44 rows here), and the roofline's records count the tile's and the
+    prototypes' bytes as L2 traffic, by hand: x, labels, the outputs stay HBM traffic."""
+    emu = l2_planned
+    n, d, k, m = (L2_CASE[key] for key in "ndkm")
+    km = k * m
+    x, p = _inputs(n, d, k, m, torch.float32, seed=21)
+    labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(22))
+    emu.take_records()
+    emu.set_record_only(True)
+    try:
+        out = emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
+        emu.proto_train_backward(torch.ones(n, k), torch.ones(n, m), torch.ones(n), x, p, labels, out[1], out[4],
+                                 0.1, None, None, out[6])
+    finally:
+        emu.set_record_only(False)
+    records = [(r[0].replace("protoseg::cuda::", ""),) + tuple(r[1:]) for r in emu.take_records()]
+    gemms = [r for r in records if r[0] == "gemm Float"]
+    assert [r[3] / (2 * d * km) for r in gemms] == [128, 128, 128, 128, 44, 44] + [128, 128, 44]
+    tile, p_bytes = lambda rows: rows * km * 4, km * d * 4
+    for rows, (first, second) in zip((128, 128, 44), zip(gemms[0:6:2], gemms[1:6:2])):
+        assert first[4] == p_bytes + tile(rows)  # x read from HBM; p_hat read and the tile written in L2
+        assert second[4] == tile(rows) + p_bytes  # `weighted` written to HBM
+    for rows, gemm in zip((128, 128, 44), gemms[6:]):  # the backward's G p_hat: its [rows, D] product in L2 too
+        assert gemm[4] == gemm[1] + gemm[2] == tile(rows) + p_bytes + rows * d * 4
+    epilogue = [r for r in records if r[0] == "EpilogueParams<float>"]
+    assert [r[4] for r in epilogue] == [2 * tile(rows) for rows in (128, 128, 44)]  # read, softmax written
+    grad_tile = [r for r in records if r[0] == "GradTileParams<float>"]
+    assert [r[4] for r in grad_tile] == [r[2] for r in grad_tile] == [tile(rows) for rows in (128, 128, 44)]
+    assemble = [r for r in records if r[0] == "GradParams<float>"]
+    assert [r[4] for r in assemble] == [rows * d * 4 for rows in (128, 128, 44)]
+    assert all(r[4] == 0 for r in records if r[0] in ("NormalizeParams<float>", "RangeCheckParams"))
+
+
+def test_chunks_sized_for_l2_compute_the_same(l2_planned):
+    """The L2 plan (float32, the case above) changes the chunking only: proto_train and its
+    backward still equal the float64 reference."""
+    emu = l2_planned
+    n, d, k, m = (L2_CASE[key] for key in "ndkm")
+    x, p = _inputs(n, d, k, m, torch.float32, seed=23)
+    labels = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(24))
+    scores, index, own, lse, weighted, x_hat, stats = emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
+    r = ref.proto_train(x.double(), p.double(), labels, 0.1)
+    assert torch.equal(index, r[1])
+    for got, want in zip((scores, own, lse, weighted), (r[0], r[2], r[3], r[4])):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    g_scores, g_own, g_lse = (torch.randn(*shape, generator=torch.Generator().manual_seed(25))
+                              for shape in ((n, k), (n, m), (n,)))
+    grad = emu.proto_train_backward(g_scores, g_own, g_lse, x, p, labels, index, weighted, 0.1, None, None, stats)[0]
+
+    def loss(xr):
+        s, _, o, lse_r, _ = ref.proto_train(xr, p.double(), labels, 0.1)[:5]
+        return (s * g_scores.double()).sum() + (o * g_own.double()).sum() + (lse_r * g_lse.double()).sum()
+
+    torch.testing.assert_close(grad.double(), _grad_ref(loss, x), rtol=1e-4, atol=1e-4)
 
 
 # ---- coverage ---------------------------------------------------------------------------------------

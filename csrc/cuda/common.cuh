@@ -163,11 +163,17 @@ namespace cuda {
 
 // What one launch reads and writes in global memory and its FLOPs, from its parameters
 // (benchmarks/cuda_roofline.py). Every element is counted once per launch (ideal caching within a
-// launch, none across launches); a multiply-add counts 2 FLOPs, an exp 1. Each parameter struct's
-// overload sits with its kernel; the deleted template makes a kernel without one a compile error
-// in the roofline's executor.
+// launch, none across launches, except for the buffers a launch sequence sizes to stay in L2: see
+// Exec::l2_resident); a multiply-add counts 2 FLOPs, an exp 1. Each parameter struct's overload
+// sits with its kernel; the deleted template makes a kernel without one a compile error in the
+// roofline's executor.
 struct LaunchCost {
   double read = 0, written = 0, flops = 0;
+  // Of read + written, the bytes that touch `workspace`, a chunk's scratch buffer (the pass's
+  // [rows, K*M] tile, the backward's [rows, D] product), which the executor counts as L2 traffic
+  // where the launch sequence declared it resident.
+  const void* workspace = nullptr;
+  double workspace_bytes = 0;
 };
 
 template <class P>

@@ -59,10 +59,26 @@ class CudaExec {
 #endif
   }
 
+  // The device's L2 cache in bytes (plan_chunks in prototype_pass.cuh sizes chunks by it).
+  int64_t l2_bytes() {
+    if (l2_bytes_ < 0) {
+      int bytes = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device_.index()));
+      l2_bytes_ = bytes;
+    }
+    return l2_bytes_;
+  }
+
+  // The launch sequence sized `t` to stay in L2 with the rest of its chunk's working set. Here that
+  // size is all there is to it; the roofline's executor (tests/emulated/emu_exec.h) counts the
+  // traffic to such buffers as L2 traffic instead of HBM traffic.
+  void l2_resident(const at::Tensor&) {}
+
  private:
   at::Device device_;
   std::optional<c10::cuda::CUDAGuard> guard_;
   cudaStream_t stream_ = nullptr;
+  int64_t l2_bytes_ = -1;
 };
 
 PROTOSEG_COMMON_HOST_FUNCTIONS(extern template, CudaExec)

@@ -289,6 +289,8 @@ LaunchCost launch_cost(const EpilogueParams<T>& p) {
               if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.target_logit, r * bytes<acc>()) +
               if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() : 0.0);
   c.flops = r * km * (training ? 6 : p.lse != nullptr ? 5 : 1);
+  c.workspace = p.tile;
+  c.workspace_bytes = r * km * bytes<acc>() * (training ? 2 : 1);
   return c;
 }
 
@@ -302,6 +304,8 @@ LaunchCost launch_cost(const GradTileParams<T>& p) {
            if_set(p.coef_target, r * (bytes<acc>() + kIndex));
   c.written = r * k * m * bytes<acc>();
   c.flops = r * (k + m + 1);
+  c.workspace = p.tile;
+  c.workspace_bytes = c.written;
   return c;
 }
 
@@ -315,6 +319,8 @@ LaunchCost launch_cost(const GradParams<T>& p) {
            if_set(p.grad_lse, p.rows * bytes<acc>());
   c.written = e * bytes<T>();
   c.flops = 8 * e;
+  c.workspace = p.tile_grad;
+  c.workspace_bytes = if_set(p.tile_grad, e * bytes<acc>());
   return c;
 }
 
@@ -322,8 +328,34 @@ LaunchCost launch_cost(const GradParams<T>& p) {
 // peak (>= 3961 rows at K*M = 8470), small next to an 80 GB device; O(chunk), never O(N*K*M).
 constexpr int64_t kDefaultTileBudget = int64_t{1} << 25;
 
-inline int64_t chunk_rows(int64_t n, int64_t km, int64_t budget) {
-  return std::max<int64_t>(1, std::min<int64_t>(n, budget / std::max<int64_t>(km, 1)));
+// How many pixel rows a chunk of the pass (or of the gradient assembly) takes, and whether its
+// workspaces stay in L2. Each chunk's [rows, K*M] tile is written by a GEMM (the backward: by
+// grad_tile_kernel) and read back by the next kernel. Where a row's tile is larger than its row of
+// x (K*M accumulator values against D values of x: 8470 against 720 on ADE20K-Full), those round
+// trips are most of the traffic, and the chunk is cut so that everything it touches (the tile,
+// its rows of x, of grad_x and of the [rows, D] product, and the normalised prototypes that every
+// GEMM reads: `resident_bytes`) fits in kL2Share of the cache; the round trips then stay on chip.
+// At small K*M the tile is a small part of the traffic and L2-sized chunks would be thousands of
+// small GEMMs, so the chunk is the tile budget's, as it is where the prototypes alone crowd the
+// cache (a chunk of fewer than kMinL2Rows rows would leave cuBLAS too little to tile).
+struct ChunkPlan {
+  int64_t rows;
+  bool in_l2;
+};
+
+constexpr double kL2Share = 0.75;    // the rest: other lines, and replacement that is not LRU
+constexpr int64_t kMinL2Rows = 128;  // one row of 128 x 128 GEMM output tiles
+constexpr int64_t kL2RowStep = 32;   // chunk starts stay aligned
+
+inline ChunkPlan plan_chunks(int64_t n, int64_t km, int64_t d, int64_t x_bytes, int64_t acc_bytes,
+                             int64_t resident_bytes, int64_t l2_bytes, int64_t tile_budget) {
+  const int64_t budget_rows = std::max<int64_t>(1, std::min<int64_t>(n, tile_budget / std::max<int64_t>(km, 1)));
+  if (km * acc_bytes <= d * x_bytes) return {budget_rows, false};
+  const double free_bytes = kL2Share * double(l2_bytes) - double(resident_bytes);
+  const int64_t row_bytes = km * acc_bytes + d * (acc_bytes + 2 * x_bytes);
+  const int64_t fit = free_bytes > 0 ? int64_t(free_bytes / double(row_bytes)) / kL2RowStep * kL2RowStep : 0;
+  if (fit < kMinL2Rows) return {budget_rows, false};
+  return {std::min(budget_rows, fit), true};
 }
 
 // p_hat = prototypes / max(||p||, eps) as a contiguous [K*M, D] acc_t tensor.
@@ -355,33 +387,38 @@ struct PassOutputs {
   double temperature = 1.0;
 };
 
-// x [N, D] (any strides) against p_hat [K*M, D], per chunk of rows: the tile of products
-// (cuBLAS), the fused epilogue (which, for `weighted`, leaves the row softmax in the tile), and
-// the second GEMM softmax(S) p_hat. The first GEMM reads x itself, in its own dtype: half-precision
-// x against p_hat rounded to that dtype, products accumulated and written in fp32; the epilogue
-// scales each row by 1 / ||x|| (only the reciprocal norms are written first). Workspaces are
-// allocated once per call and reused by every chunk (same stream, so no chunk overwrites a
-// buffer still being read).
+// x [N, D] (any strides) against p_hat [K*M, D], per chunk of rows (plan_chunks): the tile of
+// products (cuBLAS), the fused epilogue (which, for `weighted`, leaves the row softmax in the
+// tile), and the second GEMM softmax(S) p_hat. The first GEMM reads x itself, in its own dtype:
+// half-precision x against p_hat rounded to that dtype, products accumulated and written in fp32;
+// the epilogue scales each row by 1 / ||x|| (the reciprocal norms of all rows are written first,
+// in one launch). Workspaces are allocated once per call and reused by every chunk (same stream,
+// so no chunk overwrites a buffer still being read).
 template <class Exec, class scalar_t>
 void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int64_t k_classes, int64_t m_protos,
                     const PassOutputs<scalar_t>& out) {
   using acc = acc_t<scalar_t>;
   const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
-  const int64_t rows = chunk_rows(n, km, ex.tile_budget);
-  auto inv_norm = at::empty({rows}, p_hat.options());
-  auto tile = at::empty({rows, km}, p_hat.options());
-  const at::Tensor p_gemm_t = (std::is_same_v<scalar_t, acc> ? p_hat : p_hat.to(x.scalar_type())).t();
-  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  const at::Tensor p_gemm = std::is_same_v<scalar_t, acc> ? p_hat : p_hat.to(x.scalar_type());
+  const int64_t p_bytes = p_hat.nbytes() + (p_gemm.is_same(p_hat) ? 0 : p_gemm.nbytes());
+  const ChunkPlan plan = plan_chunks(n, km, d, sizeof(scalar_t), sizeof(acc), p_bytes, ex.l2_bytes(), ex.tile_budget);
+  auto inv_norm = at::empty({n}, p_hat.options());
+  auto tile = at::empty({plan.rows, km}, p_hat.options());
+  if (plan.in_l2) {
+    ex.l2_resident(tile);
+    ex.l2_resident(p_hat);
+    ex.l2_resident(p_gemm);
+  }
+  NormalizeParams<scalar_t> np{x.data_ptr<scalar_t>(), n, d, x.stride(0), x.stride(1), nullptr, inv_norm.data_ptr<acc>()};
+  ex.launch(normalize_rows_kernel<scalar_t>, grid_for(n, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
+  const at::Tensor p_gemm_t = p_gemm.t();
   constexpr int kRows = kEpilogueThreads / kWarpSize;
-  for (int64_t start = 0; start < n; start += rows) {
-    const int64_t r = std::min(rows, n - start);
-    NormalizeParams<scalar_t> np{x_ptr + start * x.stride(0), r, d, x.stride(0), x.stride(1), nullptr,
-                                 inv_norm.data_ptr<acc>()};
-    ex.launch(normalize_rows_kernel<scalar_t>, grid_for(r, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
+  for (int64_t start = 0; start < n; start += plan.rows) {
+    const int64_t r = std::min(plan.rows, n - start);
     auto s_view = tile.narrow(0, 0, r);
     ex.gemm(s_view, x.narrow(0, start, r), p_gemm_t);
-    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), inv_norm.data_ptr<acc>(), r, start, k_classes, m_protos,
+    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), inv_norm.data_ptr<acc>() + start, r, start, k_classes, m_protos,
                                 out.scores, out.index, out.labels, out.own, out.target, out.target_logit, out.lse,
                                 out.weighted.defined(), static_cast<acc>(1.0 / out.temperature)};
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
@@ -417,15 +454,21 @@ void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int
   const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
   const bool tile_terms = g.grad_scores != nullptr || g.grad_own != nullptr || g.coef_target != nullptr;
-  const int64_t rows = chunk_rows(n, km, ex.tile_budget);
+  const ChunkPlan plan =
+      plan_chunks(n, km, d, sizeof(scalar_t), sizeof(acc), p_hat.nbytes(), ex.l2_bytes(), ex.tile_budget);
   at::Tensor tile, tile_grad;
   if (tile_terms) {
-    tile = at::empty({rows, km}, p_hat.options());
-    tile_grad = at::empty({rows, d}, p_hat.options());
+    tile = at::empty({plan.rows, km}, p_hat.options());
+    tile_grad = at::empty({plan.rows, d}, p_hat.options());
+    if (plan.in_l2) {
+      ex.l2_resident(tile);
+      ex.l2_resident(tile_grad);
+      ex.l2_resident(p_hat);
+    }
   }
   constexpr int kRows = kGradTileThreads / kWarpSize;
-  for (int64_t start = 0; start < n; start += rows) {
-    const int64_t r = std::min(rows, n - start);
+  for (int64_t start = 0; start < n; start += plan.rows) {
+    const int64_t r = std::min(plan.rows, n - start);
     if (tile_terms) {
       GradTileParams<scalar_t> tp{tile.data_ptr<acc>(), r, start, k_classes, m_protos, g.grad_scores, g.index,
                                   g.grad_own, g.labels, g.coef_target, g.target};

@@ -25,6 +25,7 @@ py::dict launch_stats() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace pc = protoseg::cuda;
   m.def("set_tile_budget", [](int64_t b) { ps_emu::tile_budget = b; }, "entries of the [rows, K*M] tile (forces chunking)");
+  m.def("set_l2_bytes", [](int64_t b) { ps_emu::l2_bytes = b; }, "the modelled L2 cache (plan_chunks); 0: none");
   m.def("launch_stats", &launch_stats, "{kernel params type: (launches, largest grid)}");
   m.def(
       "set_record_only", [](bool on) { ps_emu::record_only = on; },
@@ -34,11 +35,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [] {
         std::lock_guard<std::mutex> lock(ps_emu::records_mutex);
         py::list out;
-        for (const auto& r : ps_emu::records) out.append(py::make_tuple(r.name, r.read, r.written, r.flops));
+        for (const auto& r : ps_emu::records) out.append(py::make_tuple(r.name, r.read, r.written, r.flops, r.l2));
         ps_emu::records.clear();
         return out;
       },
-      "[(name, bytes read, bytes written, flops)] since the last call");
+      "[(name, bytes read, bytes written, flops, of those bytes the ones that stay in L2)] since the last call");
   PROTOSEG_EMULATED_BINDINGS(m);
   // CUDA runs layer_norm_normalize as an ATen composite (no kernel of its own): the same code here.
   m.def("layer_norm_normalize", &protoseg::composite::layer_norm_normalize);
