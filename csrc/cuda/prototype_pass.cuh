@@ -466,9 +466,10 @@ void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int
       ex.l2_resident(p_hat);
     }
   }
+  const int64_t rows = tile_terms ? plan.rows : n;  // without a tile, one launch does every row
   constexpr int kRows = kGradTileThreads / kWarpSize;
-  for (int64_t start = 0; start < n; start += plan.rows) {
-    const int64_t r = std::min(plan.rows, n - start);
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t r = std::min(rows, n - start);
     if (tile_terms) {
       GradTileParams<scalar_t> tp{tile.data_ptr<acc>(), r, start, k_classes, m_protos, g.grad_scores, g.index,
                                   g.grad_own, g.labels, g.coef_target, g.target};
