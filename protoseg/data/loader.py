@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from protoseg.config import Config
 from protoseg.data import digitscenes
-from protoseg.data.datasets import (ImageDataset, SegmentationDataset, dataset_images, dataset_pairs,
-                                    folder_pairs, list_images)
+from protoseg.data.datasets import (ImageDataset, SegmentationDataset, check_label_values, dataset_images,
+                                    dataset_pairs, folder_pairs, list_images)
 from protoseg.data.transforms import EvalTransform, TrainTransform
 
 
@@ -84,6 +84,7 @@ def prepare_data(cfg: Config) -> None:
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, start_iter: int) -> DataLoader:
     d = cfg.data
+    check_label_values(d.dataset, d.num_classes, d.ignore_index)
     mean, std = _stats(cfg)
     transform = TrainTransform(tuple(d.crop_size), tuple(d.scale_range), d.flip, d.photometric,
                                mean, std, d.ignore_index)
@@ -102,6 +103,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, start_iter: int)
 def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
     """Whole images of the val split (or of data.val_images/val_labels), sharded over ranks."""
     d = cfg.data
+    check_label_values(d.dataset, d.num_classes, d.ignore_index)
     if bool(d.val_images) != bool(d.val_labels):
         raise ValueError("set both data.val_images and data.val_labels, or neither")
     if d.val_images:

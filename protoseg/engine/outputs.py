@@ -9,12 +9,24 @@ import os
 import cv2
 import numpy as np
 
-from protoseg.data.datasets import CITYSCAPES_LABEL_IDS, read_image
+from protoseg.data.datasets import CAMVID_CLASSES, CAMVID_PALETTE, CITYSCAPES_LABEL_IDS, read_image
 from protoseg.engine.checkpoint import atomic_write
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """[K, 3] uint8 RGB colours (the PASCAL VOC bit-interleaving scheme); ignore is white."""
+# Data sets whose own colours are known, by their class names (protoseg/data/datasets.py).
+DATASET_PALETTES = {tuple(CAMVID_CLASSES): CAMVID_PALETTE}
+
+
+def palette(classes: int | list[str]) -> np.ndarray:
+    """[K, 3] uint8 RGB colours for K classes, or for the classes named: a data set's own colours
+    where the names are its classes (CamVid's), else the PASCAL VOC bit-interleaving scheme.
+    colorize() draws ignore in white."""
+    if not isinstance(classes, int):
+        known = DATASET_PALETTES.get(tuple(classes))
+        if known is not None:
+            return np.asarray(known, np.uint8)
+        classes = len(classes)
+    num_classes = classes
     colours = np.zeros((num_classes, 3), np.uint8)
     for k in range(num_classes):
         c, r, g, b = k, 0, 0, 0
@@ -73,7 +85,7 @@ def png_name(image_path: str) -> str:
 def overlay(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: float = 0.5) -> np.ndarray:
     """The colourised prediction blended over `image` ([H, W, 3] uint8 RGB), with a legend of
     the classes present to its right."""
-    colours = palette(len(class_names))
+    colours = palette(class_names)
     colour = colorize(pred, colours, ignore_index=-1)
     blended = (image.astype(np.float32) * (1 - alpha) + colour * alpha).astype(np.uint8)
     present = [int(k) for k in np.unique(pred) if 0 <= k < len(class_names)]
@@ -92,10 +104,10 @@ def overlay(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: 
     return canvas
 
 
-def write_panel(folder: str, image_path: str, label: np.ndarray, pred: np.ndarray, num_classes: int,
+def write_panel(folder: str, image_path: str, label: np.ndarray, pred: np.ndarray, class_names: list[str],
                 ignore_index: int = 255) -> None:
     """folder/<image stem>.png: input | ground truth | prediction, colourised side by side."""
-    colours = palette(num_classes)
+    colours = palette(class_names)
     gt = colorize(label, colours, ignore_index)
     shown = read_image(image_path)
     if shown.shape != gt.shape:  # label-sized inputs only; else show the maps alone

@@ -26,8 +26,8 @@ USAGE_SIZE = (1400, 900)
 ROW_WIDTH, ROW_HEIGHT = 1200, 300  # the per-image figures: one row per image
 
 
-def _colours(num_classes: int) -> np.ndarray:
-    return palette(num_classes).astype(np.float64) / 255
+def _colours(class_names: list[str]) -> np.ndarray:
+    return palette(class_names).astype(np.float64) / 255
 
 
 def _figure(size: tuple[int, int]):
@@ -42,7 +42,7 @@ def _save(fig, path: str) -> None:
 
 
 def _legend(fig, class_names: list[str], present=None, **kwargs) -> None:
-    colours = _colours(len(class_names))
+    colours = _colours(class_names)
     shown = range(len(class_names)) if present is None else sorted(present)
     handles = [Patch(facecolor=colours[k], edgecolor="black", label=class_names[k]) for k in shown]
     fig.legend(handles=handles, title="class", loc="outside right upper", **kwargs)
@@ -53,7 +53,7 @@ def plot_embeddings(path: str, projections: dict[str, tuple[np.ndarray, np.ndarr
     """One panel per projection name -> (pixels [n, 2], prototypes [K*M, 2]): pixels as dots
     coloured by their class (labels [n]), every prototype as a star in its class's colour
     (prototype_classes [K*M]) with a black edge, drawn on top."""
-    colours = _colours(len(class_names))
+    colours = _colours(class_names)
     fig = _figure(EMBEDDING_SIZE)
     axes = fig.subplots(1, len(projections))
     for ax, (name, (pixels, protos)) in zip(np.atleast_1d(axes), projections.items()):
@@ -69,10 +69,10 @@ def plot_embeddings(path: str, projections: dict[str, tuple[np.ndarray, np.ndarr
     _save(fig, path)
 
 
-def prototype_shades(num_classes: int, num_prototypes: int) -> np.ndarray:
+def prototype_shades(class_names: list[str], num_prototypes: int) -> np.ndarray:
     """[K, M, 3] float RGB: prototype m of class k as a shade of the class's colour, from dark
     (m = 0) to light (m = M - 1)."""
-    base = _colours(num_classes)[:, None, :]
+    base = _colours(class_names)[:, None, :]
     dark, light = 0.4 * base, base + 0.6 * (1 - base)  # a black class still gets black .. grey
     t = np.linspace(0, 1, num_prototypes)[None, :, None]
     return dark + (light - dark) * t
@@ -84,8 +84,8 @@ def plot_assignments(path: str, rows: list[dict], class_names: list[str], num_pr
     the nearest prototype of the predicted class, "nearest_class" [h, w] that class): the image,
     ground truth, prediction and the prototype map, each prototype a shade of its class."""
     k = len(class_names)
-    colours = palette(k)
-    shades = prototype_shades(k, num_prototypes)
+    colours = palette(class_names)
+    shades = prototype_shades(class_names, num_prototypes)
     fig = _figure((ROW_WIDTH, ROW_HEIGHT * len(rows)))
     axes = np.atleast_2d(fig.subplots(len(rows), 4))
     present = set()
@@ -113,7 +113,7 @@ def plot_usage(path: str, stats: dict, title: str) -> None:
     names = list(stats["classes"])
     per_class = [stats["classes"][n] for n in names]
     m = len(per_class[0]["shares"])
-    shades = prototype_shades(len(names), m)
+    shades = prototype_shades(names, m)
     x = np.arange(len(names))
     fig = _figure(USAGE_SIZE)
     (shares_ax, entropy_ax), (dead_ax, cosine_ax) = fig.subplots(2, 2)
@@ -124,7 +124,7 @@ def plot_usage(path: str, stats: dict, title: str) -> None:
         bottom += heights
     shares_ax.set_title(f"share of the class's correct pixels won by each of its {m} prototypes")
     shares_ax.set_ylim(0, 1)
-    colours = _colours(len(names))
+    colours = _colours(names)
     bars = [(entropy_ax, "entropy", "usage entropy (1 = even, 0 = one prototype takes all)", (0, 1.05)),
             (dead_ax, "dead", f"dead prototypes (win no pixel; of {m})", (0, m + 0.2)),
             (cosine_ax, "cosine", "mean cosine between the class's prototypes (1 = collapsed)", (-0.1, 1.05))]
@@ -145,7 +145,7 @@ def plot_similarity(path: str, rows: list[dict], class_names: list[str], ignore_
                     title: str) -> None:
     """For each image (rows: "image", "label", "similarity" [H, W] the largest cosine to any
     prototype): the image, the ground truth and the similarity as a heat map with its scale."""
-    colours = palette(len(class_names))
+    colours = palette(class_names)
     fig = _figure((ROW_WIDTH * 3 // 4, ROW_HEIGHT * len(rows)))
     axes = np.atleast_2d(fig.subplots(len(rows), 3))
     for ax_row, row in zip(axes, rows):

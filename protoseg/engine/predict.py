@@ -218,6 +218,6 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: SegEvaluator
             if not save_dir or (save_limit and saved >= save_limit):
                 break
             write_panel(save_dir, loader.dataset.pairs[index][0], labels[i].cpu().numpy(),
-                        pred[i].cpu().numpy(), evaluator.num_classes, evaluator.ignore_index)
+                        pred[i].cpu().numpy(), evaluator.class_names, evaluator.ignore_index)
             saved += 1
     return evaluator.evaluate()
