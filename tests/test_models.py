@@ -1,9 +1,11 @@
+import os
+
 import pytest
 import timm
 import torch
 
 from protoseg.config import Config
-from protoseg.models.backbones import Backbone
+from protoseg.models.backbones import Backbone, WeightsError
 from protoseg.models.segmentor import ProjectionHead, backbone_parameters, build_model, compute_loss
 
 
@@ -69,8 +71,58 @@ def test_local_backbone_checkpoint_is_loaded(tmp_path):
     torch.save(reference.state_dict(), path)
     backbone = Backbone("resnet18", checkpoint=str(path))
     assert torch.equal(backbone.body.state_dict()["conv1.weight"], reference.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+    with pytest.raises(WeightsError, match="model.backbone_checkpoint .*nothere.pth does not exist"):
         Backbone("resnet18", checkpoint=str(tmp_path / "nothere.pth"))
+
+
+def _offline(monkeypatch, tmp_path):
+    """No network (an endpoint whose name cannot resolve) and empty Hugging Face / torch caches."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://protoseg-no-network.invalid")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_pretrained_without_network_fails_at_once_naming_the_weights(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(WeightsError) as error:
+        Backbone("resnet18", pretrained=True)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("resnet18", "timm/resnet18.a1_in1k", "protoseg-no-network.invalid cannot be reached",
+                 "model.backbone_checkpoint", "timm's cache", "model.pretrained=false"):
+        assert part in message, part
+    # weights already in the Hugging Face cache are used without the network
+    torch.manual_seed(2)
+    reference = timm.create_model("resnet18")
+    snapshot = tmp_path / "hf" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    from safetensors.torch import save_file
+    save_file(reference.state_dict(), snapshot / "model.safetensors")
+    backbone = Backbone("resnet18", pretrained=True)
+    assert torch.equal(backbone.body.conv1.weight, reference.conv1.weight)
+
+
+@pytest.mark.slow
+def test_train_on_a_paper_config_without_network_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_ENDPOINT": "https://protoseg-no-network.invalid", "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "", "https_proxy": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, os.path.join(root, "tools", "train.py"),
+                             os.path.join(root, "configs", "cityscapes_hrnet48_protoseg.yaml"),
+                             f"output_dir={tmp_path / 'run'}"], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: model.pretrained: the ImageNet weights of hrnet_w48 "
+                                    "(timm/hrnet_w48.ms_in1k on the Hugging Face Hub)")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_names_are_errors():
@@ -228,7 +280,7 @@ def test_segformer_mit_weights_load_through_the_key_mapping(name, tmp_path):
                        original["norm4.weight"])
     original.pop("block2.1.attn.kv.weight")
     torch.save(original, path)
-    with pytest.raises(ValueError, match=r"missing \['stages_1.blocks.1.attn.kv.weight'\]"):
+    with pytest.raises(WeightsError, match=rf"{path} \(SegFormer's MiT\): no tensor for stages_1.blocks.1.attn.kv.weight"):
         Backbone(name, checkpoint=str(path))
     with pytest.raises(ValueError, match="timm has no ImageNet weights for mit_b0"):
         Backbone("mit_b0", pretrained=True)

@@ -17,7 +17,9 @@ import torch  # noqa: F401  (loads libtorch before protoseg's extension)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protoseg.config import ConfigError, load_config  # noqa: E402
+from protoseg.data.datasets import SampleError  # noqa: E402
 from protoseg.engine.trainer import EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, train  # noqa: E402
+from protoseg.models.backbones import WeightsError  # noqa: E402
 
 
 def main() -> int:
@@ -40,8 +42,13 @@ def main() -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except FileExistsError as e:
+    except (FileExistsError, FileNotFoundError, ConfigError, WeightsError) as e:
+        # the run folder, the data set's files, the config against the data, the backbone's weights
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SampleError as e:  # from a loader worker its message ends with the original error's line
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('protoseg.data.datasets.SampleError: ')}",
+              file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_initialized():
