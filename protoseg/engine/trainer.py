@@ -148,6 +148,8 @@ def build_run(cfg: Config, resume: str, log) -> Run:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     model = build_model(cfg).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     sync_bn = world > 1 and device.type == "cuda" and cfg.model.sync_bn
     if sync_bn:  # SyncBatchNorm needs GPUs; on CPU ranks rank 0's BN statistics are broadcast instead
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -206,6 +208,14 @@ def start_loop(run: Run) -> None:
 
 
 def close_loop(run: Run) -> None:
+    # The training loader's workers are shut down here, not when the iterator is collected: after
+    # an error a traceback cycle keeps it alive past exit, and the workers ignore SIGTERM
+    # (loader.py), so multiprocessing's exit handler, which terminates and then joins them,
+    # would wait forever. _shutdown_workers is what the iterator's own __del__ calls.
+    shutdown = getattr(run.batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    run.batches = None
     if run.progress is not None:
         run.progress.close()
     if run.records is not None:

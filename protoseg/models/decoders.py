@@ -10,6 +10,9 @@
 - SegFormerHead (the all-MLP decoder of SegFormer, Xie et al. 2021): each map linearly
   projected to C channels (a per-pixel Linear, i.e. a 1x1 conv), upsampled to stride 4,
   concatenated deepest first, fused by a 1x1 conv-BN-ReLU, dropout. Stride 4.
+- LiteHead, for mobile backbones (EfficientNet-Lite, MobileNet): each map to 3/4 C channels
+  by a 1x1 conv-BN-ReLU, upsampled to stride 4, concatenated, fused by a depthwise 3x3 conv-BN-
+  ReLU and a 1x1 conv-BN-ReLU to C, dropout. Stride 4.
 
 Every bilinear resize uses the model's `align_corners` (model.align_corners).
 """
@@ -121,8 +124,34 @@ class SegFormerHead(nn.Module):
         return self.dropout(self.fuse(torch.cat(levels[::-1], dim=1)))
 
 
+class LiteHead(nn.Module):
+    """Why this head for a mobile backbone: EfficientNet-Lite's maps are narrow (24, 40, 112,
+    320 channels at strides 4-32), so 1x1 laterals to 3/4 C keep every stride cheaply; the fused
+    map is at stride 4 because CamVid's thin classes (pole, sign, pedestrian, bicyclist) are a
+    few pixels wide at stride 8, where LR-ASPP predicts; and the fuse is a depthwise-separable
+    3x3 (MobileNet's block), which gives each pixel its neighbours at a fraction of a dense 3x3's
+    cost at stride 4 (docs/camvid.md has the timings)."""
+
+    def __init__(self, in_channels: list[int], channels: int, dropout: float, align_corners: bool):
+        super().__init__()
+        self.align_corners = align_corners
+        lateral = channels * 3 // 4
+        width = lateral * len(in_channels)
+        self.laterals = nn.ModuleList([conv_bn_relu(c, lateral, 1) for c in in_channels])
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True), conv_bn_relu(width, channels, 1))
+        self.dropout = nn.Dropout2d(dropout)
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]
+        levels = [_resize(lateral(f), size, self.align_corners) for lateral, f in zip(self.laterals, features)]
+        return self.dropout(self.fuse(torch.cat(levels, dim=1)))
+
+
 DECODERS = {"hrnet": HRNetHead, "fcn": FCNHead, "aspp": ASPPHead, "upernet": UperNetHead,
-            "segformer": SegFormerHead}
+            "segformer": SegFormerHead, "lite": LiteHead}
 
 
 def build_decoder(name: str, in_channels: list[int], channels: int, dropout: float,

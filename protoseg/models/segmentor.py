@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -137,6 +138,8 @@ def load_trained_model(cfg: Config, state: dict) -> Segmentor:
     cfg.model.pretrained, cfg.model.backbone_checkpoint = False, ""
     model = build_model(cfg)
     model.load_state_dict(state["model"])
+    if cfg.train.channels_last:  # predict in the layout the run was trained and evaluated in
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
