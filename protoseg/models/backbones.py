@@ -114,11 +114,17 @@ def load_efficientnet_checkpoint(body: nn.Module, path: str) -> None:
     order. The classification head is dropped; every other tensor must match by name and shape."""
     what = f"model.backbone_checkpoint {path}"
     state = _read_state_dict(path)
-    if "_conv_stem.weight" not in state:  # timm's own names
+    if "_conv_stem.weight" in state:
+        mapped = _lukemelas_to_timm(state, body)
+    else:  # timm's own names
         mapped = {k: v for k, v in state.items() if not k.startswith(("conv_head.", "bn2.", "classifier."))}
-        check_state_dict(mapped, body.state_dict(), what)
-        body.load_state_dict(mapped)
-        return
+    check_state_dict(mapped, body.state_dict(), what)
+    body.load_state_dict(mapped)
+
+
+def _lukemelas_to_timm(state: dict, body: nn.Module) -> dict:
+    """`state` under timm's names, its classification head dropped; a key that has no place in
+    `body` is kept as it is, for check_state_dict to report."""
     blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(body.blocks) for i, block in enumerate(stage)]
     mapped = {}
     for key, tensor in state.items():
@@ -129,15 +135,13 @@ def load_efficientnet_checkpoint(body: nn.Module, path: str) -> None:
             mapped[f"{_EFFICIENTNET_STEM[module]}.{rest}"] = tensor
             continue
         match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
-        index = int(match.group(1)) if match else len(blocks)
-        if index >= len(blocks):
-            mapped[key] = tensor  # reported as having no place in the model
+        if match is None or int(match.group(1)) >= len(blocks):
+            mapped[key] = tensor
             continue
-        prefix, block = blocks[index]
+        prefix, block = blocks[int(match.group(1))]
         names = _EXPANDED if hasattr(block, "conv_pwl") else _SEPARABLE
         mapped[f"{prefix}.{names.get(match.group(2), match.group(2))}.{match.group(3)}"] = tensor
-    check_state_dict(mapped, body.state_dict(), what)
-    body.load_state_dict(mapped)
+    return mapped
 
 
 def _read_state_dict(path: str) -> dict:
