@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# einops and yacs: imported by the released ProtoSeg code that tests/test_released.py compares with
 	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn matplotlib==3.11.2 pyyaml tqdm \
-		tensorboard packaging \
+		tensorboard packaging einops==0.8.2 yacs==0.1.8 \
 		pytest pytest-benchmark expecttest hypothesis ninja cmake cityscapesscripts==2.3.0
 	touch $(STAMP)
 

