@@ -10,6 +10,7 @@ import torch
 
 from protoseg.config import Config, config_from_dict
 from protoseg.data.datasets import class_names, read_image
+from protoseg.data.loader import normalization
 from protoseg.data.transforms import EvalTransform
 from protoseg.engine.checkpoint import load_checkpoint
 from protoseg.engine.predict import check_test_config, num_views, predict
@@ -34,8 +35,7 @@ class Predictor:
         check_test_config(cfg.test)
         self.model, self.cfg, self.device = model.eval(), cfg, device
         self.class_names = class_names(cfg.data.dataset, cfg.data.num_classes, cfg.data.unknown_digits)
-        mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
-        self.transform = EvalTransform(mean, std)
+        self.transform = EvalTransform(**normalization(cfg))
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device | None = None,

@@ -11,6 +11,7 @@ from protoseg.engine import trainer as trainer_module
 from protoseg.engine.distributed import check_replicas_identical, state_fingerprints
 from protoseg.engine.evaluator import SegEvaluator, confusion_matrix, metrics_from_confusion
 from protoseg.engine.trainer import NonFiniteLoss, train
+from protoseg.models.backbones import WeightsError
 
 
 # ---------------------------------------------------------------- evaluator
@@ -175,6 +176,31 @@ def test_resume_is_bitwise_exact(tiny_config, tmp_path, progress_bars):
     # and the prototypes did move
     first = _load(tmp_path / "full", "iter_0000002.pth")["model"]["classifier.prototypes"]
     assert not torch.equal(first, full["model"]["classifier.prototypes"])
+
+
+def test_resume_from_weights_only_starts_at_zero_from_those_weights(tiny_config, tmp_path, progress_bars):
+    # what tools/convert_released.py writes: the model and its config, no optimizer state
+    cfg = load_config(tiny_config(), [f"output_dir={tmp_path}/converted", "train.iterations=1",
+                                      "train.checkpoint_interval=1"])
+    source = _model_with_other_weights(cfg)
+    path = str(tmp_path / "weights.pth")
+    ckpt.atomic_save({"model": source.state_dict(), "config": config_to_dict(cfg), "iteration": 0}, path)
+    run = trainer_module.build_run(cfg, path, log=lambda message: None)
+    assert run.start_iter == 0 and run.resumed is None and not run.optimizer.state
+    _assert_states_equal(run.model.state_dict(), source.state_dict())
+    with pytest.raises(WeightsError, match=r"--resume .*weights.pth: no tensor for classifier.weight"):
+        trainer_module.build_run(load_config(tiny_config("softmax"), [f"output_dir={tmp_path}/softmax"]), path,
+                                 log=lambda message: None)
+
+
+def _model_with_other_weights(cfg):
+    """A model of `cfg` whose weights differ from the trainer's seeded initialisation."""
+    torch.manual_seed(123)
+    model = trainer_module.build_model(cfg)
+    with torch.no_grad():
+        model.classifier.prototypes.copy_(torch.nn.functional.normalize(torch.randn_like(model.classifier.prototypes),
+                                                                        dim=-1))
+    return model
 
 
 @pytest.fixture

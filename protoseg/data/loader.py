@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from protoseg.config import Config
+from protoseg.config import Config, ConfigError
 from protoseg.data import digitscenes
 from protoseg.data.datasets import (ImageDataset, SegmentationDataset, check_label_values, dataset_images,
                                     dataset_pairs, folder_pairs, list_images)
@@ -69,8 +69,15 @@ def collate(items):
     return batch
 
 
-def _stats(cfg: Config):
-    return np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
+def normalization(cfg: Config) -> dict:
+    """The transforms' mean and std (in the images' RGB order) and `bgr`, from data.mean, data.std
+    (in the network's channel order) and data.channel_order."""
+    d = cfg.data
+    if d.channel_order not in ("rgb", "bgr"):
+        raise ConfigError(f"data.channel_order must be rgb or bgr (got {d.channel_order!r})")
+    order = slice(None, None, -1 if d.channel_order == "bgr" else 1)
+    return {"mean": np.asarray(d.mean, np.float32)[order], "std": np.asarray(d.std, np.float32)[order],
+            "bgr": d.channel_order == "bgr"}
 
 
 def prepare_data(cfg: Config) -> None:
@@ -85,9 +92,8 @@ def prepare_data(cfg: Config) -> None:
 def build_train_loader(cfg: Config, rank: int, world_size: int, start_iter: int) -> DataLoader:
     d = cfg.data
     check_label_values(d.dataset, d.num_classes, d.ignore_index)
-    mean, std = _stats(cfg)
     transform = TrainTransform(tuple(d.crop_size), tuple(d.scale_range), d.flip, d.photometric,
-                               mean, std, d.ignore_index)
+                               ignore_index=d.ignore_index, **normalization(cfg))
     dataset = SegmentationDataset(dataset_pairs(d.dataset, d.root, d.train_split), d.num_classes,
                                   transform, ignore_index=d.ignore_index,
                                   reduce_zero_label=d.dataset == "ade20k", on_error=d.on_error,
@@ -110,7 +116,7 @@ def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
         pairs = folder_pairs(d.val_images, d.val_labels)
     else:
         pairs = dataset_pairs(d.dataset, d.root, d.val_split)
-    dataset = SegmentationDataset(pairs, d.num_classes, EvalTransform(*_stats(cfg)),
+    dataset = SegmentationDataset(pairs, d.num_classes, EvalTransform(**normalization(cfg)),
                                   ignore_index=d.ignore_index, reduce_zero_label=d.dataset == "ade20k",
                                   on_error=d.on_error, unknown_index=d.unknown_index)
     shard = list(range(rank, len(dataset), world_size))  # no padding: each image counted once
@@ -123,7 +129,7 @@ def build_image_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
     writing predictions of a split that has no labels (Cityscapes test)."""
     d = cfg.data
     paths = list_images(d.val_images) if d.val_images else dataset_images(d.dataset, d.root, d.val_split)
-    dataset = ImageDataset(paths, EvalTransform(*_stats(cfg)), on_error=d.on_error)
+    dataset = ImageDataset(paths, EvalTransform(**normalization(cfg)), on_error=d.on_error)
     shard = list(range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=d.eval_batch_size, sampler=shard, num_workers=d.num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init)

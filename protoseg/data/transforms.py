@@ -22,9 +22,10 @@ class TrainTransform:
     scale_range: tuple[float, float]
     flip: bool
     photometric: bool
-    mean: np.ndarray  # [3] RGB, 0-255
+    mean: np.ndarray  # [3] in the images' RGB order, 0-255
     std: np.ndarray
     ignore_index: int = 255
+    bgr: bool = False  # the network takes the channels as B, G, R
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         image, label = random_scale(image, label, self.scale_range, rng)
@@ -33,22 +34,23 @@ class TrainTransform:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric:
             image = photometric_distortion(image, rng)
-        return to_tensors(image, label, self.mean, self.std)
+        return to_tensors(image, label, self.mean, self.std, self.bgr)
 
 
 @dataclass
 class EvalTransform:
     """Evaluation and prediction: normalise only (protoseg/engine/predict.py does the rest)."""
 
-    mean: np.ndarray
+    mean: np.ndarray  # [3] in the images' RGB order, 0-255
     std: np.ndarray
+    bgr: bool = False  # the network takes the channels as B, G, R
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
-        return to_tensors(image, label, self.mean, self.std)
+        return to_tensors(image, label, self.mean, self.std, self.bgr)
 
     def image(self, image: np.ndarray) -> torch.Tensor:
         """[H, W, 3] RGB -> [3, H, W] float32, exactly as for an evaluated sample."""
-        return normalize_image(image, self.mean, self.std)
+        return normalize_image(image, self.mean, self.std, self.bgr)
 
 
 def random_scale(image, label, scale_range, rng):
@@ -94,11 +96,12 @@ def photometric_distortion(image, rng):
     return image
 
 
-def to_tensors(image, label, mean, std):
-    return normalize_image(image, mean, std), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+def to_tensors(image, label, mean, std, bgr=False):
+    return normalize_image(image, mean, std, bgr), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
 
 
-def normalize_image(image, mean, std) -> torch.Tensor:
-    """[H, W, 3] RGB (0-255) -> [3, H, W] float32, (image - mean) / std."""
-    image = (np.asarray(image, np.float32) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+def normalize_image(image, mean, std, bgr=False) -> torch.Tensor:
+    """[H, W, 3] RGB (0-255) -> [3, H, W] float32, (image - mean) / std with mean and std in RGB
+    order; with `bgr` the channels are then reversed (B, G, R)."""
+    image = ((np.asarray(image, np.float32) - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(image[::-1] if bgr else image))

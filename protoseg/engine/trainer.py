@@ -32,7 +32,7 @@ from protoseg.engine.distributed import (barrier, broadcast_batchnorm_buffers, c
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results
 from protoseg.engine.predict import autocast, evaluate_model
 from protoseg.engine.prototypes import format_statistics, summary_scalars, usage_statistics, val_usage
-from protoseg.models.backbones import count_parameters
+from protoseg.models.backbones import check_state_dict, count_parameters
 from protoseg.models.segmentor import backbone_parameters, build_model, compute_loss
 
 EXIT_NONFINITE = 3
@@ -166,7 +166,12 @@ def build_run(cfg: Config, resume: str, log) -> Run:
             state, path = ckpt.load_latest(run_dir, log=run.info)
         else:
             state, path = ckpt.load_checkpoint(resume), resume
-        if state is not None:
+        if state is not None:  # one line naming the first tensor that does not fit this config's model
+            check_state_dict(state["model"], model.state_dict(), f"--resume {path}")
+        if state is not None and "optimizer" not in state:  # weights only (tools/convert_released.py)
+            model.load_state_dict(state["model"])
+            run.info(f"initialised from {path} (weights only: a fresh optimizer and schedule from iteration 0)")
+        elif state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

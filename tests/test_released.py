@@ -1,0 +1,280 @@
+"""The released models in protoseg: tools/convert_released.py against the released code itself
+(with PROTOSEG_RELEASED_SRC, a checkout of tfzhou/ProtoSeg), against the released key names
+and shapes (tests/fixtures/released_hrnet48_keys.json, always), and its errors; the MiT
+backbone against SegFormer's own (with PROTOSEG_SEGFORMER_SRC, a checkout of NVlabs/SegFormer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, tool_command
+from protoseg.config import ConfigError, load_config
+from protoseg.data.loader import normalization
+from protoseg.data.transforms import EvalTransform
+from protoseg.engine.checkpoint import load_run
+from protoseg.models.released import (PROTO, SOFTMAX, ReleasedCheckpointError, convert_state, released_architecture,
+                                      released_config)
+from protoseg.models.segmentor import build_model
+from protoseg.models.backbones import Backbone, WeightsError, load_mit_checkpoint
+from released_code import RELEASED_SRC, SEGFORMER_SRC
+
+FIXTURE = pathlib.Path(ROOT, "tests", "fixtures", "released_hrnet48_keys.json")
+CONFIGS = {PROTO: "configs/cityscapes_hrnet48_protoseg.yaml", SOFTMAX: "configs/cityscapes_hrnet48_softmax.yaml"}
+
+
+def _convert(tmp_path, released: str, architecture: str, *extra):
+    out = tmp_path / f"{architecture}.pth"
+    result = subprocess.run(tool_command("convert_released.py", released, "--config",
+                                         os.path.join(ROOT, CONFIGS[architecture]), "--out", str(out), *extra),
+                            capture_output=True, text=True)
+    return result, out
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Random BatchNorm statistics and affines, LayerNorm affines and conv biases: the default
+    initialisation (mean 0, variance 1, weight 1, bias 0) would hide a statistic in the wrong place."""
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)):
+            n = module.weight.shape
+            module.weight.data = 1 + 0.1 * torch.randn(n, generator=g, dtype=module.weight.dtype)
+            module.bias.data = 0.1 * torch.randn(n, generator=g, dtype=module.bias.dtype)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean = 0.1 * torch.randn(n, generator=g, dtype=module.running_mean.dtype)
+                module.running_var = 0.5 + torch.rand(n, generator=g, dtype=module.running_var.dtype)
+        elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            module.bias.data = 0.1 * torch.randn(module.bias.shape, generator=g, dtype=module.bias.dtype)
+
+
+needs_released = pytest.mark.skipif(
+    not RELEASED_SRC or not all(importlib.util.find_spec(m) for m in ("einops", "yacs")),
+    reason="set PROTOSEG_RELEASED_SRC to a checkout of github.com/tfzhou/ProtoSeg (and pip install einops "
+           "yacs, which it imports) to compare with the released code itself")
+
+
+@needs_released
+@pytest.mark.parametrize("architecture", [PROTO, SOFTMAX])
+def test_converted_model_equals_released_forward_in_float64(tmp_path, architecture):
+    from released_code import build_released
+
+    torch.manual_seed(0)
+    released = build_released(architecture).double()
+    _randomise(released)
+    released.eval()
+    # As openseg saves it: the DataParallel-wrapped model's state dict under "state_dict".
+    path = tmp_path / "released.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in released.state_dict().items()}}, path)
+    result, out = _convert(tmp_path, str(path), architecture)
+    assert result.returncode == 0, result.stderr
+    state, cfg = load_run(str(out))
+    ours = build_model(cfg).double().eval()
+    ours.load_state_dict(state["model"])
+    for size in [(2, 3, 128, 256), (1, 3, 96, 160)]:
+        x = torch.randn(size, dtype=torch.float64)
+        with torch.no_grad():
+            expected = released(x)
+            # openseg's tester resizes the network's output to the image, align_corners=True
+            expected = F.interpolate(expected, size=size[-2:], mode="bilinear", align_corners=True)
+            logits = ours(x)["logits"]
+        assert logits.shape == expected.shape
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not SEGFORMER_SRC, reason="set PROTOSEG_SEGFORMER_SRC to a checkout of github.com/NVlabs/SegFormer "
+                                               "to compare MiT with SegFormer's own mix_transformer.py")
+def test_mit_b0_equals_segformer_mix_transformer_in_float64(tmp_path):
+    from released_code import segformer_mix_transformer
+
+    torch.manual_seed(0)
+    segformer = segformer_mix_transformer().mit_b0().double()
+    _randomise(segformer)  # its LayerNorms too, so an epsilon or an order would show
+    segformer.eval()
+    torch.save(segformer.state_dict(), tmp_path / "mit_b0.pth")  # as SegFormer's ImageNet files hold it
+    ours = Backbone("mit_b0").double().eval()  # float64 before loading: the file's weights unrounded
+    load_mit_checkpoint(ours.body, str(tmp_path / "mit_b0.pth"))
+    for size in [(2, 3, 64, 96), (1, 3, 75, 50)]:
+        x = torch.randn(size, dtype=torch.float64)
+        with torch.no_grad():
+            expected, features = segformer(x), ours(x)
+        assert len(features) == len(expected) == 4
+        for stage, (f, e) in enumerate(zip(features, expected)):
+            assert f.shape == e.shape, stage
+            torch.testing.assert_close(f, e, rtol=0, atol=1e-10, msg=f"stage {stage + 1} differs")
+
+
+def _fixture_state(architecture: str) -> dict[str, torch.Tensor]:
+    """Random tensors under the released model's names and shapes, as openseg saves them."""
+    keys = json.loads(FIXTURE.read_text())
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in keys["backbone"] + keys[architecture]:
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            state[key] = torch.randn(shape, generator=g)
+    if architecture == PROTO:  # one module under two names in the released model
+        for key in [k for k in state if k.startswith("proj_head.mlp2.")]:
+            state[key] = state[key.replace("mlp2", "proj")]
+    return state
+
+
+@pytest.mark.parametrize("architecture", [PROTO, SOFTMAX])
+def test_released_keys_convert_and_load_strictly(architecture):
+    state = _fixture_state(architecture)
+    assert released_architecture(state, "fixture") == architecture
+    cfg = released_config(load_config(os.path.join(ROOT, CONFIGS[architecture]), ["model.pretrained=false"]), state,
+                          architecture)
+    model = build_model(cfg).eval()
+    converted = convert_state(state, architecture, model.state_dict(), "fixture")
+    assert model.load_state_dict(converted, strict=True)
+    ours = model.state_dict()
+    for key, tensor in state.items():  # every released tensor is in the model, unchanged
+        if key.startswith("backbone."):
+            assert torch.equal(ours["backbone.body." + key.removeprefix("backbone.")], tensor), key
+    # The 3x3 conv's bias, folded into the BatchNorm: the head computes conv + bias, then BN.
+    x = torch.randn(1, 720, 6, 5)
+    with torch.no_grad():
+        expected = F.batch_norm(F.conv2d(x, state["cls_head.0.weight"], state["cls_head.0.bias"], padding=1),
+                                state["cls_head.1.0.running_mean"], state["cls_head.1.0.running_var"],
+                                state["cls_head.1.0.weight"], state["cls_head.1.0.bias"])
+        torch.testing.assert_close(model.decoder.fuse[1](model.decoder.fuse[0](x)), expected, rtol=1e-4, atol=1e-4)
+    if architecture == SOFTMAX:
+        assert torch.equal(ours["classifier.bias"], torch.zeros(19))
+    else:
+        assert cfg.model.projection == "released" and cfg.model.temperature == 1.0
+    assert cfg.model.hrnet_fuse == "bilinear" and cfg.model.align_corners
+
+
+def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
+    state = {f"module.{k}": v for k, v in _fixture_state(PROTO).items()}
+    path = tmp_path / "released.pth"
+    torch.save({"state_dict": state, "config_dict": {"network": {"backbone": "hrnet48"}}}, path)
+    result, out = _convert(tmp_path, str(path), PROTO)
+    assert result.returncode == 0, result.stderr
+    saved, cfg = load_run(str(out))
+    assert saved["iteration"] == 0 and cfg.model.classifier == "prototype" and cfg.model.num_prototypes == 10
+    assert torch.equal(saved["model"]["classifier.prototypes"], state["module.prototypes"])
+
+
+def _one_line(result, *parts):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+def test_bad_released_checkpoints_are_one_line_naming_file_and_key(tmp_path):
+    state = _fixture_state(PROTO)
+    head = {k: v for k, v in state.items() if not k.startswith("backbone.")}  # small files for the tool
+    ocr = {k: v for k, v in head.items() if k.startswith("cls_head.")}
+    ocr["spatial_ocr_head.object_context_block.f_pixel.0.weight"] = torch.zeros(256, 512, 1, 1)
+    torch.save(ocr, tmp_path / "ocr.pth")
+    _one_line(_convert(tmp_path, str(tmp_path / "ocr.pth"), PROTO)[0], str(tmp_path / "ocr.pth"),
+              "spatial_ocr_head.object_context_block.f_pixel.0.weight", "not a released")
+
+    del head["feat_norm.bias"]
+    torch.save(head, tmp_path / "missing.pth")
+    _one_line(_convert(tmp_path, str(tmp_path / "missing.pth"), PROTO)[0], "missing.pth", "feat_norm.bias",
+              "classifier.feat_norm.bias", "[720]")
+
+    torch.save({"prototypes": torch.zeros(19, 10, 720)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    _one_line(_convert(tmp_path, str(tmp_path / "truncated.pth"), PROTO)[0], "truncated.pth", "cannot be read")
+    _one_line(_convert(tmp_path, str(tmp_path / "nothere.pth"), PROTO)[0], "nothere.pth", "does not exist")
+
+
+def test_a_tensor_of_another_width_or_without_place_is_named():
+    state = _fixture_state(PROTO)
+    cfg = released_config(load_config(os.path.join(ROOT, CONFIGS[PROTO]), ["model.pretrained=false"]), state, PROTO)
+    model_state = build_model(cfg).state_dict()
+    narrow = dict(state, **{"backbone.transition1.0.0.weight": torch.zeros(32, 256, 3, 3)})  # W32's
+    with pytest.raises(ReleasedCheckpointError, match=r"^f.pth: backbone.transition1.0.0.weight has shape "
+                                                      r"\[32, 256, 3, 3\], the model's backbone.body"):
+        convert_state(narrow, PROTO, model_state, "f.pth")
+    extra = dict(state, **{"aux_head.weight": torch.zeros(3)})
+    with pytest.raises(ReleasedCheckpointError, match=r"^f.pth: aux_head.weight \(shape \[3\]\) has no counterpart"):
+        convert_state(extra, PROTO, model_state, "f.pth")
+    del state["backbone.stage4.2.fuse_layers.0.3.1.running_var"]
+    with pytest.raises(ReleasedCheckpointError, match=r"^f.pth: no tensor for backbone.body.stage4.2.fuse_layers.0.3.1.running_var \(shape \[48\]\)"):
+        convert_state(state, PROTO, model_state, "f.pth")
+    twins = dict(state, **{"proj_head.mlp2.0.bias": torch.zeros(720)})
+    with pytest.raises(ReleasedCheckpointError, match="proj_head.mlp2.0.bias differs from proj_head.proj.0.bias"):
+        convert_state(twins, PROTO, model_state, "f.pth")
+
+
+def test_hrnet_imagenet_weights_in_the_official_format_load(tmp_path):
+    # HRNet-Image-Classification's file (hrnetv2_w48_imagenet_pretrained.pth, which the released
+    # training starts from) has timm's names and a classification head; here a random W18-small.
+    official = timm.create_model("hrnet_w18_small").state_dict()
+    assert any(k.startswith("incre_modules.") for k in official)
+    torch.save(official, tmp_path / "imagenet.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in official.items()}}, tmp_path / "wrapped.pth")
+    for name in ("imagenet.pth", "wrapped.pth"):
+        body = Backbone("hrnet_w18_small", checkpoint=str(tmp_path / name)).body.state_dict()
+        assert body.keys() <= official.keys()
+        assert all(torch.equal(body[k], official[k]) for k in body)
+    official["stage2.0.fuse_layers.0.1.0.weight"] = torch.zeros(16, 33, 1, 1)
+    torch.save(official, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=r"bad.pth: stage2.0.fuse_layers.0.1.0.weight has shape \[16, 33, 1, 1\]"):
+        Backbone("hrnet_w18_small", checkpoint=str(tmp_path / "bad.pth"))
+
+
+def test_bilinear_fuse_is_hrnet_segmentation_code():
+    """Each fused branch as HRNet's segmentation code computes it (openseg's and the official
+    HighResolutionModule.forward, transcribed): branch 0, then each other branch j in order,
+    through its fuse layer, resized bilinearly with align_corners=True where j > i; then ReLU."""
+    torch.manual_seed(0)
+    bilinear = Backbone("hrnet_w18_small").eval()
+    nearest = Backbone("hrnet_w18_small", hrnet_fuse="nearest").eval()
+    nearest.load_state_dict(bilinear.state_dict())
+    module = bilinear.body.stage4[0]  # four branches
+    x = [torch.randn(1, c, 40 // 2 ** i, 24 // 2 ** i) for i, c in enumerate((16, 32, 64, 128))]
+    with torch.no_grad():
+        branches = [branch(t) for branch, t in zip(module.branches, x)]
+        expected = []
+        for i in range(4):
+            y = branches[0] if i == 0 else module.fuse_layers[i][0](branches[0])
+            for j in range(1, 4):
+                t = module.fuse_layers[i][j](branches[j])
+                y = y + (F.interpolate(t, size=branches[i].shape[-2:], mode="bilinear", align_corners=True)
+                         if j > i else t)
+            expected.append(torch.relu(y))
+        for ours, e in zip(module([t.clone() for t in x]), expected):
+            torch.testing.assert_close(ours, e, rtol=0, atol=0)
+        image = torch.randn(1, 3, 96, 64)
+        assert (bilinear(image)[0] - nearest(image)[0]).abs().max() > 1e-2  # another function
+    with pytest.raises(ValueError, match="model.hrnet_fuse must be one of"):
+        Backbone("hrnet_w18_small", hrnet_fuse="bicubic")
+
+
+def test_released_input_is_bgr_normalised_in_that_order(tmp_path):
+    # The converted config feeds the network as openseg does: channel 0 is blue, less 0.485 * 255.
+    state = _fixture_state(PROTO)
+    cfg = released_config(load_config(os.path.join(ROOT, CONFIGS[PROTO]), ["model.pretrained=false"]), state, PROTO)
+    assert cfg.data.channel_order == "bgr"
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    x = EvalTransform(**normalization(cfg)).image(rgb)
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), [(50 - 123.675) / 58.395, (100 - 116.28) / 57.12,
+                                                    (200 - 103.53) / 57.375], rtol=1e-6)
+    cfg.data.channel_order = "rgb"
+    x = EvalTransform(**normalization(cfg)).image(rgb)
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), [(200 - 123.675) / 58.395, (100 - 116.28) / 57.12,
+                                                    (50 - 103.53) / 57.375], rtol=1e-6)
+    cfg.data.channel_order = "rbg"
+    with pytest.raises(ConfigError, match="data.channel_order must be rgb or bgr"):
+        normalization(cfg)
