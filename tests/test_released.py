@@ -25,6 +25,7 @@ from protoseg.engine.checkpoint import load_run
 from protoseg.models.released import (PROTO, SOFTMAX, ReleasedCheckpointError, convert_state, released_architecture,
                                       released_config)
 from protoseg.models.segmentor import build_model
+from protoseg.predictor import Predictor
 from protoseg.models.backbones import Backbone, WeightsError, load_mit_checkpoint
 from released_code import RELEASED_SRC, SEGFORMER_SRC
 
@@ -113,7 +114,8 @@ def test_mit_b0_equals_segformer_mix_transformer_in_float64(tmp_path):
 
 
 def _fixture_state(architecture: str) -> dict[str, torch.Tensor]:
-    """Random tensors under the released model's names and shapes, as openseg saves them."""
+    """Random tensors under the released model's names and shapes, as openseg saves them, scaled
+    so that activations stay finite through the network."""
     keys = json.loads(FIXTURE.read_text())
     g = torch.Generator().manual_seed(0)
     state = {}
@@ -122,8 +124,12 @@ def _fixture_state(architecture: str) -> dict[str, torch.Tensor]:
             state[key] = torch.tensor(7)
         elif key.endswith("running_var"):
             state[key] = 0.5 + torch.rand(shape, generator=g)
+        elif len(shape) == 4:  # conv weights, variance 1 / fan-in
+            state[key] = torch.randn(shape, generator=g) / (shape[1] * shape[2] * shape[3]) ** 0.5
+        elif key.endswith("weight"):  # norms
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
         else:
-            state[key] = torch.randn(shape, generator=g)
+            state[key] = (1 if key == "prototypes" else 0.1) * torch.randn(shape, generator=g)
     if architecture == PROTO:  # one module under two names in the released model
         for key in [k for k in state if k.startswith("proj_head.mlp2.")]:
             state[key] = state[key.replace("mlp2", "proj")]
@@ -166,6 +172,15 @@ def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
     saved, cfg = load_run(str(out))
     assert saved["iteration"] == 0 and cfg.model.classifier == "prototype" and cfg.model.num_prototypes == 10
     assert torch.equal(saved["model"]["classifier.prototypes"], state["module.prototypes"])
+    # Predictor (and through it tools/infer.py) takes it, and feeds the network B, G, R.
+    predictor = Predictor.from_checkpoint(str(out), device="cpu")
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    probs = predictor.predict(rgb, return_probs=True)[1]
+    x = (torch.from_numpy(rgb[..., ::-1].astype(np.float32)) - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor(
+        [58.395, 57.12, 57.375])
+    with torch.no_grad():
+        logits = predictor.model(x.permute(2, 0, 1)[None])["logits"][0]
+    torch.testing.assert_close(torch.as_tensor(probs), logits.softmax(dim=0), rtol=1e-4, atol=1e-5)
 
 
 def _one_line(result, *parts):
