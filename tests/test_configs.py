@@ -1,7 +1,8 @@
-"""Every shipped config trains: built at its own size (pretrained weights off), two training
-iterations and one evaluation on a tiny synthetic data set written in that data set's own file
-layout at a 64x64 crop; and every softmax twin differs from its ProtoSeg config only in
-model.classifier."""
+"""Every shipped ProtoSeg config trains: built at its own size (pretrained weights off), two
+training iterations and one evaluation on a tiny synthetic data set written in that data set's
+own file layout at a 64x64 crop; every softmax twin differs from its ProtoSeg config only in
+model.classifier, so of the twins only those of the small models train here too (the others
+would build the same full-size backbones again for a 1x1 conv)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from protoseg.engine import trainer as trainer_module
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NAMES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml")))
+TRAINED = [n for n in NAMES if not n.endswith("_softmax.yaml") or n.startswith(("digitscenes", "camvid"))]
 CROP = 64
 
 
@@ -62,7 +64,7 @@ def _write_dataset(root, dataset: str, num_classes: int, ignore_index: int) -> N
                 assert cv2.imwrite(str(root / rel), array)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TRAINED)
 def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch):
     cfg = load_config(os.path.join(CONFIGS, name))
     overrides = [
