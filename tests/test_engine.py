@@ -286,9 +286,21 @@ def test_optimizers_and_backbone_lr_multiplier():
 
 
 @pytest.mark.slow
-def test_bf16_autocast_trains(tiny_config):
+def test_bf16_autocast_trains(tiny_config, monkeypatch):
+    # The backbone's convolutions run in bf16 during the training steps (recorded by a hook on
+    # every model the trainer builds), and the weights stay finite.
+    dtypes = []
+    build = trainer_module.build_model
+
+    def recording_build(cfg):
+        model = build(cfg)
+        model.backbone.body.conv1.register_forward_hook(lambda m, i, out: dtypes.append((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", recording_build)
     cfg = load_config(tiny_config(), ["train.amp=bf16", "train.iterations=2", "train.eval_interval=2"])
     assert train(cfg) == "finished"
+    assert [dtype for training, dtype in dtypes if training] == [torch.bfloat16] * 2
     state = torch.load(os.path.join(cfg.run_dir, "checkpoint_last.pth"), weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

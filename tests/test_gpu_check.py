@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,15 +24,12 @@ MACHINE = {"gpu": "NVIDIA H200", "gpu_count": 1, "capability": "9.0", "gpu_memor
 
 def test_without_a_gpu_one_line_and_status_2(tmp_path):
     out = tmp_path / "report"
-    started = time.monotonic()
     done = subprocess.run(tool_command("gpu_check.py", str(out)), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    elapsed = time.monotonic() - started
+                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the timeout: a hang
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no usable GPU"), lines
     assert not out.exists(), "nothing is done before the GPU check"
-    assert elapsed < 30, f"took {elapsed:.1f} s (importing torch is all it should do)"
 
 
 def _step(name, code, limit=60, **kwargs):
@@ -61,9 +57,10 @@ def test_run_step_records_pass_failure_timeout_and_budget(tmp_path):
     checked = gpu_check.run_step(_step("checked", "pass", parse=refuse), out, 100)
     assert checked["status"] == "failed" and "not on the GPU" in checked["note"]
 
-    started = time.monotonic()
-    slow = gpu_check.run_step(_step("slow", "import time; time.sleep(60)", limit=1), out, 100)
-    assert slow["status"] == "timeout" and slow["returncode"] is None and time.monotonic() - started < 30
+    finished = tmp_path / "finished"  # written only by a step that was not stopped at its limit
+    slow = gpu_check.run_step(_step("slow", f"import pathlib, time; time.sleep(60); pathlib.Path({str(finished)!r})"
+                                            f".touch()", limit=1), out, 100)
+    assert slow["status"] == "timeout" and slow["returncode"] is None and not finished.exists()
     partial = gpu_check.run_step(_step("partial", "import time; time.sleep(60)", limit=1, partial_ok=True,
                                        parse=lambda log: {"iterations": 7}), out, 100)
     assert partial["status"] == "stopped" and partial["figures"] == {"iterations": 7}
