@@ -147,6 +147,10 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys whose value is one of a few names, checked when the config is read.
+CHOICES = {"model.hrnet_fuse": ("bilinear", "nearest"), "data.channel_order": ("rgb", "bgr")}
+
+
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     """Read `path` (and its bases), apply `overrides` ("section.key=value"), check everything."""
     data = _read_with_bases(path, ())
@@ -176,6 +180,8 @@ def config_from_dict(data: dict, source: str = "<checkpoint>",
     """A config saved as plain data (a checkpoint's), with `overrides` applied as in load_config.
     Sections or keys missing from `data` (a checkpoint older than them) take their defaults."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if isinstance(data.get("model"), dict):  # saved before the option existed: trained with timm's fuse
+        data["model"].setdefault("hrnet_fuse", "nearest")
     _build(Config, data, source)
     _apply_overrides(data, overrides)
     return _build(Config, data, source)
@@ -252,6 +258,8 @@ def _build(cls, data, source: str, prefix: str = ""):
             kwargs[name] = _build(hint, value, source, key + ".")
         else:
             kwargs[name] = _check_type(hint, value, source, key)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{source}: {key} must be one of {', '.join(CHOICES[key])} (got {value!r})")
     return cls(**kwargs)
 
 

@@ -10,8 +10,7 @@ import torch
 
 from protoseg.config import Config, config_from_dict
 from protoseg.data.datasets import class_names, read_image
-from protoseg.data.loader import normalization
-from protoseg.data.transforms import EvalTransform
+from protoseg.data.transforms import EvalTransform, normalization
 from protoseg.engine.checkpoint import load_checkpoint
 from protoseg.engine.predict import check_test_config, num_views, predict
 from protoseg.models.segmentor import load_trained_model

@@ -191,6 +191,9 @@ def test_resume_from_weights_only_starts_at_zero_from_those_weights(tiny_config,
     with pytest.raises(WeightsError, match=r"--resume .*weights.pth: no tensor for classifier.weight"):
         trainer_module.build_run(load_config(tiny_config("softmax"), [f"output_dir={tmp_path}/softmax"]), path,
                                  log=lambda message: None)
+    ckpt.save_checkpoint({"model": {}, "iteration": 9}, cfg.run_dir, 9)  # a run already there: not mixed in
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        trainer_module.build_run(cfg, path, log=lambda message: None)
 
 
 def _model_with_other_weights(cfg):

@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, tool_command
-from protoseg.config import ConfigError, load_config
-from protoseg.data.loader import normalization
-from protoseg.data.transforms import EvalTransform
+from protoseg.config import ConfigError, config_from_dict, config_to_dict, load_config
+from protoseg.data.transforms import EvalTransform, normalization
 from protoseg.engine.checkpoint import load_run
+from protoseg.models.backbones import Backbone, WeightsError, load_mit_checkpoint
 from protoseg.models.released import (PROTO, SOFTMAX, ReleasedCheckpointError, convert_state, released_architecture,
                                       released_config)
 from protoseg.models.segmentor import build_model
 from protoseg.predictor import Predictor
-from protoseg.models.backbones import Backbone, WeightsError, load_mit_checkpoint
 from released_code import RELEASED_SRC, SEGFORMER_SRC
 
 FIXTURE = pathlib.Path(ROOT, "tests", "fixtures", "released_hrnet48_keys.json")
@@ -143,24 +142,51 @@ def test_released_keys_convert_and_load_strictly(architecture):
     cfg = released_config(load_config(os.path.join(ROOT, CONFIGS[architecture]), ["model.pretrained=false"]), state,
                           architecture)
     model = build_model(cfg).eval()
-    converted = convert_state(state, architecture, model.state_dict(), "fixture")
-    assert model.load_state_dict(converted, strict=True)
+    model.load_state_dict(convert_state(state, architecture, model.state_dict(), "fixture"), strict=True)
     ours = model.state_dict()
-    for key, tensor in state.items():  # every released tensor is in the model, unchanged
-        if key.startswith("backbone."):
-            assert torch.equal(ours["backbone.body." + key.removeprefix("backbone.")], tensor), key
-    # The 3x3 conv's bias, folded into the BatchNorm: the head computes conv + bias, then BN.
-    x = torch.randn(1, 720, 6, 5)
-    with torch.no_grad():
-        expected = F.batch_norm(F.conv2d(x, state["cls_head.0.weight"], state["cls_head.0.bias"], padding=1),
-                                state["cls_head.1.0.running_mean"], state["cls_head.1.0.running_var"],
-                                state["cls_head.1.0.weight"], state["cls_head.1.0.bias"])
-        torch.testing.assert_close(model.decoder.fuse[1](model.decoder.fuse[0](x)), expected, rtol=1e-4, atol=1e-4)
-    if architecture == SOFTMAX:
-        assert torch.equal(ours["classifier.bias"], torch.zeros(19))
-    else:
+    # Each released tensor where the released model uses it (this table, not the converter's).
+    same = {"backbone." + k: "backbone.body." + k for k in (key.removeprefix("backbone.") for key in state)
+            if "backbone." + k in state}
+    same.update({"cls_head.0.weight": "decoder.fuse.0.weight", "cls_head.1.0.weight": "decoder.fuse.1.weight",
+                 "cls_head.1.0.bias": "decoder.fuse.1.bias", "cls_head.1.0.running_var": "decoder.fuse.1.running_var"})
+    if architecture == PROTO:
+        same.update({"proj_head.proj.0.weight": "projection.mlp.0.weight", "proj_head.proj.0.bias": "projection.mlp.0.bias",
+                     "proj_head.proj.2.weight": "projection.mlp.2.weight", "proj_head.proj.2.bias": "projection.mlp.2.bias",
+                     "feat_norm.weight": "classifier.feat_norm.weight", "feat_norm.bias": "classifier.feat_norm.bias",
+                     "mask_norm.weight": "classifier.mask_norm.weight", "mask_norm.bias": "classifier.mask_norm.bias"})
+        assert torch.equal(ours["classifier.prototypes"], F.normalize(state["prototypes"], dim=-1))
         assert cfg.model.projection == "released" and cfg.model.temperature == 1.0
-    assert cfg.model.hrnet_fuse == "bilinear" and cfg.model.align_corners
+    else:
+        same["cls_head.3.weight"] = "classifier.weight"
+        assert torch.equal(ours["classifier.bias"], torch.zeros(19))
+    for released, key in same.items():
+        assert torch.equal(ours[key], state[released]), released
+    assert cfg.model.hrnet_fuse == "bilinear" and cfg.model.align_corners and cfg.train.amp == "none"
+
+
+def test_folded_bias_is_the_released_head_in_training_and_eval():
+    """conv + bias then BN (released) against conv then BN with running_mean - bias (converted),
+    float64: equal outputs in both modes, and running means that stay `bias` apart."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g,
+                                                                                          dtype=torch.float64)
+    mean, var = torch.randn(6, generator=g, dtype=torch.float64), 0.5 + torch.rand(6, generator=g, dtype=torch.float64)
+    state = {"cls_head.0.weight": weight, "cls_head.0.bias": bias, "cls_head.1.0.weight": torch.ones(6),
+             "cls_head.1.0.bias": torch.zeros(6), "cls_head.1.0.running_mean": mean, "cls_head.1.0.running_var": var,
+             "cls_head.1.0.num_batches_tracked": torch.tensor(3), "cls_head.3.weight": torch.zeros(2, 6, 1, 1)}
+    model_state = {"decoder.fuse.0.weight": weight, "decoder.fuse.1.weight": torch.ones(6),
+                   "decoder.fuse.1.bias": torch.zeros(6), "decoder.fuse.1.running_mean": mean,
+                   "decoder.fuse.1.running_var": var, "decoder.fuse.1.num_batches_tracked": torch.tensor(0),
+                   "classifier.weight": torch.zeros(2, 6, 1, 1), "classifier.bias": torch.zeros(2)}
+    converted = convert_state(state, SOFTMAX, model_state, "f.pth")
+    released_mean, ours_mean = mean.clone(), converted["decoder.fuse.1.running_mean"].clone()
+    x = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)
+    for training in (False, True):
+        expected = F.batch_norm(F.conv2d(x, weight, bias, padding=1), released_mean, var.clone(), training=training)
+        ours = F.batch_norm(F.conv2d(x, converted["decoder.fuse.0.weight"], padding=1), ours_mean, var.clone(),
+                            training=training)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(released_mean - ours_mean, bias, rtol=0, atol=1e-12)  # after a training step
 
 
 def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
@@ -171,7 +197,9 @@ def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr
     saved, cfg = load_run(str(out))
     assert saved["iteration"] == 0 and cfg.model.classifier == "prototype" and cfg.model.num_prototypes == 10
-    assert torch.equal(saved["model"]["classifier.prototypes"], state["module.prototypes"])
+    assert torch.equal(saved["model"]["classifier.prototypes"], F.normalize(state["module.prototypes"], dim=-1))
+    fine_tune = load_config(str(out.with_suffix(".yaml")))  # the config written beside it
+    assert config_to_dict(fine_tune) == config_to_dict(cfg)
     # Predictor (and through it tools/infer.py) takes it, and feeds the network B, G, R.
     predictor = Predictor.from_checkpoint(str(out), device="cpu")
     rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -226,6 +254,10 @@ def test_a_tensor_of_another_width_or_without_place_is_named():
     del state["backbone.stage4.2.fuse_layers.0.3.1.running_var"]
     with pytest.raises(ReleasedCheckpointError, match=r"^f.pth: no tensor for backbone.body.stage4.2.fuse_layers.0.3.1.running_var \(shape \[48\]\)"):
         convert_state(state, PROTO, model_state, "f.pth")
+    contrast = {k: v for k, v in _fixture_state(SOFTMAX).items()}
+    contrast.update({k: v for k, v in state.items() if k.startswith("proj_head.")})
+    with pytest.raises(ReleasedCheckpointError, match=r"^f.pth is a released contrastive model"):
+        released_architecture(contrast, "f.pth")
     twins = dict(state, **{"proj_head.mlp2.0.bias": torch.zeros(720)})
     with pytest.raises(ReleasedCheckpointError, match="proj_head.mlp2.0.bias differs from proj_head.proj.0.bias"):
         convert_state(twins, PROTO, model_state, "f.pth")
@@ -256,6 +288,9 @@ def test_bilinear_fuse_is_hrnet_segmentation_code():
     bilinear = Backbone("hrnet_w18_small").eval()
     nearest = Backbone("hrnet_w18_small", hrnet_fuse="nearest").eval()
     nearest.load_state_dict(bilinear.state_dict())
+    # timm's fuse layer from branch 3 into branch 0: conv, BN, Upsample; here conv, BN, nothing
+    assert isinstance(nearest.body.stage4[0].fuse_layers[0][3][2], torch.nn.Upsample)
+    assert isinstance(bilinear.body.stage4[0].fuse_layers[0][3][2], torch.nn.Identity)
     module = bilinear.body.stage4[0]  # four branches
     x = [torch.randn(1, c, 40 // 2 ** i, 24 // 2 ** i) for i, c in enumerate((16, 32, 64, 128))]
     with torch.no_grad():
@@ -276,6 +311,13 @@ def test_bilinear_fuse_is_hrnet_segmentation_code():
         Backbone("hrnet_w18_small", hrnet_fuse="bicubic")
 
 
+def test_a_checkpoint_saved_before_the_fuse_option_keeps_nearest():
+    stored = config_to_dict(load_config(os.path.join(ROOT, CONFIGS[PROTO])))
+    del stored["model"]["hrnet_fuse"]
+    assert config_from_dict(stored).model.hrnet_fuse == "nearest"
+    assert load_config(os.path.join(ROOT, "configs", "digitscenes_protoseg.yaml")).model.hrnet_fuse == "bilinear"
+
+
 def test_released_input_is_bgr_normalised_in_that_order(tmp_path):
     # The converted config feeds the network as openseg does: channel 0 is blue, less 0.485 * 255.
     state = _fixture_state(PROTO)
@@ -290,6 +332,5 @@ def test_released_input_is_bgr_normalised_in_that_order(tmp_path):
     x = EvalTransform(**normalization(cfg)).image(rgb)
     np.testing.assert_allclose(x[:, 0, 0].numpy(), [(200 - 123.675) / 58.395, (100 - 116.28) / 57.12,
                                                     (50 - 103.53) / 57.375], rtol=1e-6)
-    cfg.data.channel_order = "rbg"
-    with pytest.raises(ConfigError, match="data.channel_order must be rgb or bgr"):
-        normalization(cfg)
+    with pytest.raises(ConfigError, match="data.channel_order must be one of rgb, bgr"):
+        load_config(os.path.join(ROOT, CONFIGS[PROTO]), ["data.channel_order=rbg"])

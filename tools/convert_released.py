@@ -6,20 +6,22 @@ softmax baseline HRNet_W48) into a protoseg checkpoint.
 CONFIG gives the data and test settings (configs/cityscapes_hrnet48_protoseg.yaml for the
 Cityscapes models); the model section is set to the released network and its training
 behaviour (protoseg/models/released.py, docs/fidelity.md). OUT is an ordinary protoseg
-checkpoint: tools/test.py, tools/infer.py and Predictor take it, and `tools/train.py CONFIG
---resume OUT.pth` fine-tunes from it. A file that cannot be converted is one line, exit 2.
+checkpoint: tools/test.py, tools/infer.py and Predictor take it. Beside it, OUT with .yaml for
+.pth is its config, to fine-tune with: `tools/train.py OUT.yaml --resume OUT.pth`. A file that
+cannot be converted is one line, exit 2.
 """
 
 import argparse
 import os
 import sys
 
-import torch
+import torch  # noqa: F401  (loads libtorch before protoseg's extension)
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protoseg.config import ConfigError, config_to_dict, load_config  # noqa: E402
-from protoseg.engine.checkpoint import atomic_save  # noqa: E402
+from protoseg.config import config_to_dict, load_config  # noqa: E402
+from protoseg.engine.checkpoint import atomic_save, atomic_write  # noqa: E402
 from protoseg.models.released import (ReleasedCheckpointError, convert_state, read_released,  # noqa: E402
                                       released_architecture, released_config)
 from protoseg.models.segmentor import build_model  # noqa: E402
@@ -32,26 +34,29 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="the protoseg checkpoint to write")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to CONFIG first")
     args = parser.parse_args()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        print(f"error: --out {args.out}: the folder {out_dir} does not exist", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         state = read_released(args.released)
         architecture = released_architecture(state, args.released)
         cfg = released_config(cfg, state, architecture)
-        model = build_model(cfg)
+        model = build_model(cfg)  # ValueError: a config value no model has
         converted = convert_state(state, architecture, model.state_dict(), args.released)
         model.load_state_dict(converted)  # strict: every tensor of the model, and only those
-    except (ConfigError, ReleasedCheckpointError) as e:
+        # The converted tensors themselves, in their own dtype (the model above only checked
+        # them), and beside them the config to fine-tune with.
+        atomic_save({"model": converted, "config": config_to_dict(cfg), "iteration": 0,
+                     "converted_from": os.path.abspath(args.released), "architecture": architecture}, args.out)
+        config_path = os.path.splitext(args.out)[0] + ".yaml"
+        atomic_write(config_path, lambda f: f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()))
+    except (ValueError, OSError) as e:  # ConfigError and ReleasedCheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        print(f"error: --out {args.out}: the folder {out_dir} does not exist", file=sys.stderr)
-        return 2
-    # The converted tensors themselves, in their own dtype (the model above only checked them).
-    atomic_save({"model": converted, "config": config_to_dict(cfg), "iteration": 0,
-                 "converted_from": os.path.abspath(args.released), "architecture": architecture}, args.out)
-    print(f"{args.released}: released {architecture} -> {args.out} ({len(converted)} tensors, "
-          f"config {cfg.name} with the released model settings)")
+    print(f"{args.released}: released {architecture} -> {args.out} ({len(converted)} tensors) and its config "
+          f"{config_path}, the released model settings over {args.config}")
     return 0
 
 

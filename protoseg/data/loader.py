@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import signal
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from protoseg.config import Config, ConfigError
+from protoseg.config import Config
 from protoseg.data import digitscenes
 from protoseg.data.datasets import (ImageDataset, SegmentationDataset, check_label_values, dataset_images,
                                     dataset_pairs, folder_pairs, list_images)
-from protoseg.data.transforms import EvalTransform, TrainTransform
+from protoseg.data.transforms import EvalTransform, TrainTransform, normalization
 
 
 class TrainSampler(Sampler):
@@ -67,17 +66,6 @@ def collate(items):
             batch["labels"] = torch.stack([g[1] for g in good])
         batch["indices"] = torch.tensor([g[-1] for g in good])
     return batch
-
-
-def normalization(cfg: Config) -> dict:
-    """The transforms' mean and std (in the images' RGB order) and `bgr`, from data.mean, data.std
-    (in the network's channel order) and data.channel_order."""
-    d = cfg.data
-    if d.channel_order not in ("rgb", "bgr"):
-        raise ConfigError(f"data.channel_order must be rgb or bgr (got {d.channel_order!r})")
-    order = slice(None, None, -1 if d.channel_order == "bgr" else 1)
-    return {"mean": np.asarray(d.mean, np.float32)[order], "std": np.asarray(d.std, np.float32)[order],
-            "bgr": d.channel_order == "bgr"}
 
 
 def prepare_data(cfg: Config) -> None:

@@ -53,6 +53,15 @@ class EvalTransform:
         return normalize_image(image, self.mean, self.std, self.bgr)
 
 
+def normalization(cfg) -> dict:
+    """The transforms' mean and std (in the images' RGB order) and `bgr`, from a Config's
+    data.mean and data.std (in the network's channel order) and data.channel_order."""
+    bgr = cfg.data.channel_order == "bgr"
+    order = slice(None, None, -1 if bgr else 1)
+    return {"mean": np.asarray(cfg.data.mean, np.float32)[order],
+            "std": np.asarray(cfg.data.std, np.float32)[order], "bgr": bgr}
+
+
 def random_scale(image, label, scale_range, rng):
     scale = rng.uniform(*scale_range)
     h, w = label.shape

