@@ -52,10 +52,6 @@ def forbid_double_backward(op_name: str) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check(cond, message: str) -> None:
     torch._check(cond, lambda: message)
 

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from protoseg.ops._registration import (
-    acc_dtype,
     autocast_to_x_dtype,
     check,
     check_layer_norm_args,
     forbid_double_backward,
 )
+from protoseg.ops.reference import acc_dtype
 
 __all__ = ["layer_norm_normalize"]  # protoseg.ops re-exports these
 

@@ -12,14 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+# Every L2 normalisation divides by max(||x||, NORM_EPS), as F.normalize (the C++ and CUDA
+# kernels' kNormEps, csrc/cpu/kernels_impl.h and csrc/cuda/common.cuh).
+NORM_EPS = 1e-12
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every op accumulates in: float64 for float64 inputs, float32 for the others."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _normalized(x: torch.Tensor, prototypes: torch.Tensor):
-    acc = _acc_dtype(x.dtype)
-    x_hat = F.normalize(x.to(acc), dim=-1, eps=1e-12)
-    p_hat = F.normalize(prototypes.to(acc), dim=-1, eps=1e-12)
+    acc = acc_dtype(x.dtype)
+    x_hat = F.normalize(x.to(acc), dim=-1, eps=NORM_EPS)
+    p_hat = F.normalize(prototypes.to(acc), dim=-1, eps=NORM_EPS)
     return x_hat, p_hat
 
 
@@ -108,7 +114,7 @@ def sinkhorn(scores, labels, num_classes: int, iterations: int, epsilon: float):
 
 def scatter_mean(x, index, num_segments: int):
     """mean [S, D] (dtype of x; 0 for empty segments), count [S] int64; negative index skipped."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     keep = index >= 0
     idx = index[keep]
     sums = torch.zeros(num_segments, x.shape[1], dtype=acc, device=x.device)
@@ -120,17 +126,17 @@ def scatter_mean(x, index, num_segments: int):
 
 def _layer_norm_rows(x, weight, bias, eps: float):
     """The unit rows of LayerNorm(x) in the accumulation dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = F.layer_norm(x.to(acc), (x.shape[1],), weight.to(acc), bias.to(acc), eps)
-    return F.normalize(y, dim=-1, eps=1e-12)
+    return F.normalize(y, dim=-1, eps=NORM_EPS)
 
 
 def layer_norm_normalize(x, weight, bias, eps: float):
     """out [N, D] (dtype of x) = unit rows of LayerNorm(x); stats [N, 3] = (mean, rstd, ||y||)."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     y = F.layer_norm(xa, (x.shape[1],), weight.to(acc), bias.to(acc), eps)
     mean = xa.mean(dim=1)
     rstd = torch.rsqrt((xa - mean[:, None]).square().mean(dim=1) + eps)
     norm = y.norm(dim=1)
-    return F.normalize(y, dim=-1, eps=1e-12).to(x.dtype), torch.stack((mean, rstd, norm), dim=1)
+    return F.normalize(y, dim=-1, eps=NORM_EPS).to(x.dtype), torch.stack((mean, rstd, norm), dim=1)

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from protoseg.ops._registration import (
-    acc_dtype,
     autocast_to_x_dtype,
     check,
     check_embeddings,
@@ -22,6 +21,7 @@ from protoseg.ops._registration import (
     check_layer_norm_args,
     forbid_double_backward,
 )
+from protoseg.ops.reference import acc_dtype
 
 __all__ = ["TrainPass", "proto_contrast_loss", "proto_similarity", "proto_train"]  # protoseg.ops re-exports these
 
