@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoseg import ops
+from protoseg.ops.reference import sinkhorn_one_class
 
 IMPLS = ("fused", "reference")
 ASSIGNMENTS = ("argmax", "gumbel")
@@ -50,21 +51,6 @@ def usage_counts(nearest: Tensor, pred: Tensor, labels: Tensor, num_prototypes: 
     bucket = torch.where(correct, labels * m + own, torch.full_like(labels, k * m))
     counts = torch.zeros(k * m + 1, dtype=torch.int64, device=nearest.device)
     return counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:-1].view(k, m)
-
-
-def released_sinkhorn(out: Tensor, iterations: int = 3, epsilon: float = 0.05):
-    """Sinkhorn-Knopp for one class exactly as the released code writes it (in the dtype of
-    `out`, no max subtraction): returns (Q [n, M], argmax index [n])."""
-    L = torch.exp(out / epsilon).t()
-    b, k = L.shape[1], L.shape[0]
-    L = L / L.sum()
-    for _ in range(iterations):
-        L = L / L.sum(dim=1, keepdim=True)
-        L = L / k
-        L = L / L.sum(dim=0, keepdim=True)
-        L = L / b
-    L = (L * b).t()
-    return L, L.argmax(dim=1)
 
 
 class PrototypeClassifier(nn.Module):
@@ -261,7 +247,8 @@ class PrototypeClassifier(nn.Module):
                 init_q = masks[..., c][selected]
                 if init_q.shape[0] == 0:
                     continue
-                q, indexs = released_sinkhorn(init_q, self.sinkhorn_iterations, self.sinkhorn_epsilon)
+                q = sinkhorn_one_class(init_q, self.sinkhorn_iterations, self.sinkhorn_epsilon)
+                indexs = q.argmax(dim=1)
                 if self.update_assignment == "gumbel":
                     q = F.gumbel_softmax(q, tau=0.5, hard=True)
                 else:
