@@ -15,6 +15,8 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import protoseg.ops as ops
@@ -707,6 +709,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 def _bad_calls():
+    """name -> (call, the error it must raise)."""
     x, p = torch.randn(6, 4), torch.randn(3, 2, 4)
     lab, tgt = torch.tensor([0, 1, 2, -1, 0, 1]), torch.tensor([0, 5, 3, -1, 2, 1])
     sc = torch.rand(6, 2)
@@ -734,6 +737,8 @@ def _bad_calls():
         "sim D mismatch": (lambda: sim(x, torch.randn(3, 2, 5)), r"prototypes must be \[K, M, D\] with D"),
         "sim dtype mismatch": (lambda: sim(x, p.double()), "prototypes must have the dtype of x"),
         "sim integer x": (lambda: sim(x.long(), p.long()), "x must be float16"),
+        "sim no classes": (lambda: sim(x, p[:0]), "prototypes must have at least one class and one prototype"),
+        "train no prototypes": (lambda: tr(x, p[:, :0], lab), "prototypes must have at least one class and one"),
         "contrast x rank": (lambda: con(x[0], p, tgt), r"x must be \[N, D\]"),
         "contrast D mismatch": (lambda: con(x, torch.randn(3, 2, 5), tgt), "prototypes must be"),
         "contrast target high": (lambda: con(x, p, torch.tensor([0, 6, 3, -1, 2, 1])), r"target\[1\] = 6"),
@@ -758,6 +763,7 @@ def _bad_calls():
         "sinkhorn epsilon < 0": (lambda: sk(sc, lab, 3, 3, -0.05), "epsilon"),
         "sinkhorn iterations < 0": (lambda: sk(sc, lab, 3, -1), "iterations"),
         "sinkhorn num_classes 0": (lambda: sk(sc, lab, 0), "num_classes"),
+        "sinkhorn no columns": (lambda: sk(sc[:, :0], lab, 3), "scores must have at least one prototype column"),
         "segments labels high": (lambda: P.sinkhorn_segments(bad_long, 3), r"labels\[3\] = 3"),
         "segments labels int32": (lambda: P.sinkhorn_segments(lab.int(), 3), "labels must be an \\[N\\] int64"),
         "segments num_classes 0": (lambda: P.sinkhorn_segments(lab, 0), "num_classes"),
@@ -782,6 +788,11 @@ def _bad_calls():
 
 
 BAD = _bad_calls()
+# Checks of tensor values (a label out of range, offsets that do not end at N): only the kernels
+# read values; everything else the fake kernels (torch.compile's, meta tensors') check too, with
+# the same message.
+VALUE_CHECKS = {"contrast target high", "contrast target negative", "train labels high", "sinkhorn labels high",
+                "segments labels high", "reduce perm high", "reduce offsets end", "scatter index high"}
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -789,6 +800,14 @@ def test_bad_inputs_raise_naming_the_argument(name):
     call, match = BAD[name]
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", [n for n in BAD if n not in VALUE_CHECKS])
+def test_fake_kernels_check_what_the_kernels_check(name):
+    with FakeTensorMode(shape_env=ShapeEnv()):  # the tensors and calls fake: only the fake kernels run
+        call, match = _bad_calls()[name]
+        with pytest.raises(RuntimeError, match=match):
+            call()
 
 
 def _mixed_device_calls(device):

@@ -60,14 +60,24 @@ def same_device(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
     check(t.device == ref.device, f"{name} must be on the same device as {ref_name} (got {t.device} and {ref.device})")
 
 
+def check_floating(t: Tensor, name: str) -> None:
+    check(t.dtype.is_floating_point, f"{name} must be float16, bfloat16, float32 or float64 (got {t.dtype})")
+
+
+def check_positive(value: float, name: str) -> None:
+    check(0.0 < value < float("inf"), f"{name} must be a positive finite number (got {value})")
+
+
 def check_embeddings(x: Tensor, prototypes: Tensor | None = None) -> None:
     check(x.dim() == 2, f"x must be [N, D] (got {list(x.shape)})")
-    check(x.dtype.is_floating_point, f"x must be float16, bfloat16, float32 or float64 (got {x.dtype})")
+    check_floating(x, "x")
     if prototypes is not None:
         check(
             prototypes.dim() == 3 and prototypes.shape[2] == x.shape[1],
             f"prototypes must be [K, M, D] with D == x.size(1) (got {list(prototypes.shape)} and x {list(x.shape)})",
         )
+        check(prototypes.shape[0] > 0 and prototypes.shape[1] > 0,
+              f"prototypes must have at least one class and one prototype per class (got {list(prototypes.shape)})")
         check(prototypes.dtype == x.dtype, f"prototypes must have the dtype of x (got {prototypes.dtype} and x {x.dtype})")
         same_device(prototypes, x, "prototypes", "x")
 

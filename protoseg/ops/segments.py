@@ -12,7 +12,9 @@ from protoseg.ops._registration import (
     autocast_to_float32,
     check,
     check_embeddings,
+    check_floating,
     check_index_vector,
+    check_positive,
     forbid_double_backward,
     same_device,
 )
@@ -136,7 +138,13 @@ forbid_double_backward("protoseg::scatter_mean_backward")
 @torch.library.register_fake("protoseg::sinkhorn")
 def _(scores, labels, num_classes, iterations, epsilon):
     check(scores.dim() == 2, f"scores must be [N, M] (got {list(scores.shape)})")
+    check_floating(scores, "scores")
     check_index_vector(labels, "labels", scores, "scores")
+    check(num_classes >= 1, f"num_classes must be >= 1 (got {num_classes})")
+    check(iterations >= 0, f"iterations must be >= 0 (got {iterations})")
+    check_positive(epsilon, "epsilon")
+    check(scores.shape[1] >= 1 or scores.shape[0] == 0,
+          f"scores must have at least one prototype column (got {list(scores.shape)})")
     return scores.new_empty(scores.shape, dtype=torch.float32), labels.new_empty(labels.shape)
 
 
@@ -177,8 +185,10 @@ def _plan(plan: Tensor, labels: Tensor) -> None:
 @torch.library.register_fake("protoseg::sinkhorn_exp")
 def _(scores, labels, class_max, epsilon):
     check(scores.dim() == 2, f"scores must be [N, M] (got {list(scores.shape)})")
+    check_floating(scores, "scores")
     check_index_vector(labels, "labels", scores, "scores")
     _marginal(class_max, "class_max", 1, scores, "scores")
+    check_positive(epsilon, "epsilon")
     return scores.new_empty(scores.shape, dtype=torch.float64)
 
 

@@ -19,6 +19,7 @@ from protoseg.ops._registration import (
     check_embeddings,
     check_index_vector,
     check_layer_norm_args,
+    check_positive,
     forbid_double_backward,
 )
 from protoseg.ops.reference import acc_dtype
@@ -214,6 +215,7 @@ def _(grad_scores, x, prototypes, index):
 def _(x, prototypes, target, temperature, ignore_index):
     check_embeddings(x, prototypes)
     check_index_vector(target, "target", x)
+    check_positive(temperature, "temperature")
     return x.new_empty(()), x.new_empty(())
 
 
@@ -221,6 +223,7 @@ def _(x, prototypes, target, temperature, ignore_index):
 def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
     check_embeddings(x, prototypes)
     check_index_vector(target, "target", x)
+    check_positive(temperature, "temperature")
     return x.new_empty(x.shape)
 
 
@@ -239,6 +242,7 @@ def _optional_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) 
 def _(x, prototypes, labels, temperature, weight=None, bias=None, eps=1e-5):
     check_embeddings(x, prototypes)
     check_index_vector(labels, "labels", x)
+    check_positive(temperature, "temperature")
     _optional_layer_norm(x, weight, bias)
     n, d = x.shape
     k, m = prototypes.shape[0], prototypes.shape[1]
@@ -258,6 +262,7 @@ def _(x, prototypes, labels, temperature, weight=None, bias=None, eps=1e-5):
 def _(grad_scores, grad_own, grad_lse, x, prototypes, labels, index, weighted, temperature, weight, bias, stats):
     check_embeddings(x, prototypes)
     check_index_vector(labels, "labels", x)
+    check_positive(temperature, "temperature")
     if _optional_layer_norm(x, weight, bias):
         return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
     return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0)
