@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 
+import cv2
 import numpy as np
 import pytest
 import timm
@@ -209,6 +210,19 @@ def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
     with torch.no_grad():
         logits = predictor.model(x.permute(2, 0, 1)[None])["logits"][0]
     torch.testing.assert_close(torch.as_tensor(probs), logits.softmax(dim=0), rtol=1e-4, atol=1e-5)
+    # tools/test.py takes it too, scoring the same prediction.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), rgb[..., ::-1])
+    label = np.random.default_rng(1).integers(0, 19, (64, 96)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "labels" / "a.png"), label)
+    result = subprocess.run(tool_command("test.py", str(out), f"data.val_images={tmp_path / 'images'}",
+                                         f"data.val_labels={tmp_path / 'labels'}", "data.num_workers=0",
+                                         "--out", str(tmp_path / "results.json")), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    prediction = logits.argmax(dim=0).numpy()
+    expected_acc = float((prediction == label).mean())
+    assert json.loads((tmp_path / "results.json").read_text())["aAcc"] == pytest.approx(expected_acc, abs=1e-6)
 
 
 def _one_line(result, *parts):
