@@ -1,4 +1,4 @@
-"""The README's single-thread CPU-time table: robust to other load on the machine, unlike the
+"""docs/performance.md's single-thread CPU-time table: robust to other load on the machine, unlike the
 wall times of `pytest benchmarks/`.
 
     python benchmarks/cpu_time_table.py 19,150          # N = PROTOSEG_BENCH_N (32768)

@@ -1,5 +1,5 @@
 """Where one training step of the fused classifier spends its time: three steps under the torch
-profiler, ops sorted by self CPU time (the README's breakdown).
+profiler, ops sorted by self CPU time (docs/performance.md's breakdown).
 
     python benchmarks/profile_step.py [K]        # N = PROTOSEG_BENCH_N (32768), D = 720, M = 10
 

@@ -1,4 +1,4 @@
-"""Parameter counts of configs' models, as a Markdown table (what README.md's table shows).
+"""Parameter counts of configs' models, as a Markdown table (what docs/configs.md's table shows).
 
     python tools/count_params.py configs/*.yaml
 
