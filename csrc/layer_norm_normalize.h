@@ -21,10 +21,9 @@
 #include <utility>
 
 #include "checks.h"
+#include "norm_eps.h"
 
 namespace protoseg {
-
-constexpr double kRowNormEps = 1e-12;  // as F.normalize
 
 inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_embeddings(x);
@@ -77,7 +76,7 @@ inline std::tuple<at::Tensor, at::Tensor> layer_norm_normalize_rows(const at::Te
   const auto acc = at::toOpMathType(x.scalar_type());
   auto [y, mean, rstd] = at::native_layer_norm(x.to(acc), {d}, weight.to(acc), bias.to(acc), eps);
   const auto norm = y.norm(2, {1});
-  const auto out = (y / norm.clamp_min(kRowNormEps).unsqueeze(1)).contiguous();
+  const auto out = (y / norm.clamp_min(kNormEps).unsqueeze(1)).contiguous();
   return {out, at::stack({mean.reshape({n}), rstd.reshape({n}), norm}, 1)};
 }
 
@@ -92,7 +91,7 @@ inline at::Tensor unit_rows(const at::Tensor& x, const at::Tensor& weight, const
                             const at::Tensor& stats) {
   const auto acc = stats.scalar_type();
   const auto mean = stats.select(1, 0).unsqueeze(1), rstd = stats.select(1, 1).unsqueeze(1);
-  const auto s = stats.select(1, 2).unsqueeze(1).clamp_min(kRowNormEps).reciprocal();
+  const auto s = stats.select(1, 2).unsqueeze(1).clamp_min(kNormEps).reciprocal();
   return ((((x.to(acc) - mean) * rstd) * weight.to(acc) + bias.to(acc)) * s).contiguous();
 }
 
@@ -102,7 +101,7 @@ inline std::tuple<at::Tensor, at::Tensor> l2_normalize(const at::Tensor& x) {
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto xa = x.to(acc);
   const auto norm = xa.norm(2, {1});
-  const auto out = (xa / norm.clamp_min(kRowNormEps).unsqueeze(1)).to(x.scalar_type()).contiguous();
+  const auto out = (xa / norm.clamp_min(kNormEps).unsqueeze(1)).to(x.scalar_type()).contiguous();
   return {out, at::stack({at::zeros_like(norm), at::ones_like(norm), norm}, 1)};
 }
 
@@ -118,9 +117,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_normalize_backw
   const auto rstd = stats.select(1, 1).unsqueeze(1).contiguous();
   const auto norm = stats.select(1, 2).unsqueeze(1);
   // Through the L2 normalisation here, then torch's own LayerNorm backward.
-  const auto s = norm.clamp_min(kRowNormEps).reciprocal();
+  const auto s = norm.clamp_min(kNormEps).reciprocal();
   const auto out = (((xa - mean) * rstd) * w + b) * s;
-  const auto dot = at::where(norm > kRowNormEps, (g * out).sum(1, /*keepdim=*/true), at::zeros_like(norm));
+  const auto dot = at::where(norm > kNormEps, (g * out).sum(1, /*keepdim=*/true), at::zeros_like(norm));
   const auto grad_y = (g - out * dot) * s;
   auto [grad_x, grad_weight, grad_bias] =
       at::native_layer_norm_backward(grad_y, xa, {x.size(1)}, mean, rstd, w, b, {true, true, true});

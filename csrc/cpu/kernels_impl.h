@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "norm_eps.h"
 
 #define PROTOSEG_DO_PRAGMA(x) _Pragma(#x)
 #define PROTOSEG_TARGET(t) PROTOSEG_DO_PRAGMA(GCC target(t))
@@ -40,8 +41,6 @@ namespace protoseg {
 namespace cpu {
 namespace PROTOSEG_ISA {
 namespace {
-
-constexpr double kNormEps = 1e-12;  // as F.normalize
 
 template <typename acc_t>
 struct Norm {

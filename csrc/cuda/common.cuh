@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include "cuda/portability.h"
+#include "norm_eps.h"
 
 namespace protoseg {
 namespace cuda {
@@ -21,7 +22,6 @@ namespace cuda {
 // X(T) for every floating type an op accepts (explicit instantiations).
 #define PROTOSEG_FOR_FLOATING_TYPES(X) X(float) X(double) X(c10::Half) X(c10::BFloat16)
 
-constexpr double kNormEps = 1e-12;  // as F.normalize
 constexpr int kWarpSize = 32;
 
 // fp32 accumulation for half, bfloat16 and float; fp64 for double.

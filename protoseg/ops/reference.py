@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
-# Every L2 normalisation divides by max(||x||, NORM_EPS), as F.normalize (the C++ and CUDA
-# kernels' kNormEps, csrc/cpu/kernels_impl.h and csrc/cuda/common.cuh).
+# Every L2 normalisation divides by max(||x||, NORM_EPS), as F.normalize (the kernels' kNormEps,
+# csrc/norm_eps.h).
 NORM_EPS = 1e-12
 
 
