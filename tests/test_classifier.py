@@ -208,6 +208,7 @@ def _assert_sinkhorn_runs_in_protoseg_ops(events, n, k, m):
     assert not big, f"pixel-sized work outside protoseg ops: {big}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope, dtype", [("global", torch.float64), ("local", torch.float64),
                                           ("global", torch.float32)])
 def test_two_process_prototypes_identical_and_equal_to_single_process(scope, dtype):

@@ -64,7 +64,8 @@ def _write_dataset(root, dataset: str, num_classes: int, ignore_index: int) -> N
                 assert cv2.imwrite(str(root / rel), array)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if not n.startswith(("digitscenes", "camvid"))
+                                  else n for n in TRAINED])
 def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch):
     cfg = load_config(os.path.join(CONFIGS, name))
     overrides = [

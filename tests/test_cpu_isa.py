@@ -40,6 +40,7 @@ def test_kernels_follow_atens_capability():
     assert reported["default"] == "DEFAULT"  # every CPU can be forced down to the baseline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_lower_paths_pass_the_op_tests(capability):
     """The forward and backward op tests against the reference, on a forced lower path (the

@@ -181,6 +181,7 @@ def test_built_kernels_use_no_local_memory():
         assert not bad, f"{arch}: kernels with stack/local memory: {bad}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_no_register_spills(arch, tmp_path):
     nvcc = _tool("nvcc")

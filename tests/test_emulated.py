@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "emulated"))
 import emulated_module  # noqa: E402
 import test_ops  # noqa: E402  (its op_calls: every op's calls on one sample)
 
+pytestmark = pytest.mark.slow  # compiling the emulation alone takes about 40 s
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -190,6 +190,7 @@ def test_folded_bias_is_the_released_head_in_training_and_eval():
     torch.testing.assert_close(released_mean - ours_mean, bias, rtol=0, atol=1e-12)  # after a training step
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_is_a_protoseg_checkpoint(tmp_path):
     state = {f"module.{k}": v for k, v in _fixture_state(PROTO).items()}
     path = tmp_path / "released.pth"
@@ -233,6 +234,7 @@ def _one_line(result, *parts):
         assert part in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_released_checkpoints_are_one_line_naming_file_and_key(tmp_path):
     state = _fixture_state(PROTO)
     head = {k: v for k, v in state.items() if not k.startswith("backbone.")}  # small files for the tool
