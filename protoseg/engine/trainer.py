@@ -164,25 +164,24 @@ def build_run(cfg: Config, resume: str, log) -> Run:
         raise ValueError(f"train.class_weights has {len(class_weights)} values for {d.num_classes} classes")
     run = Run(cfg, rank, world, device, model, optimizer, scheduler, scaler, class_weights, sync_bn,
               start_iter=0, resumed=None, log=log)
-    if resume:
-        if resume == "auto":
-            state, path = ckpt.load_latest(run_dir, log=run.info)
-        else:
-            path = resume
-        if state is not None:  # one line naming the first tensor that does not fit this config's model
-            check_state_dict(state["model"], model.state_dict(), f"--resume {path}")
-        if state is not None and "optimizer" not in state:  # weights only (tools/convert_released.py)
-            model.load_state_dict(state["model"])
+    if resume == "auto":
+        state, path = ckpt.load_latest(run_dir, log=run.info)
+    else:
+        path = resume
+    if resume and state is None:
+        run.info(f"no checkpoint in {run_dir}: starting from scratch")
+    elif state is not None:
+        # one line naming the first tensor that does not fit this config's model
+        check_state_dict(state["model"], model.state_dict(), f"--resume {path}")
+        model.load_state_dict(state["model"])
+        if "optimizer" not in state:  # weights only (tools/convert_released.py)
             run.info(f"initialised from {path} (weights only: a fresh optimizer and schedule from iteration 0)")
-        elif state is not None:
-            model.load_state_dict(state["model"])
+        else:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             run.start_iter, run.resumed = state["iteration"], state
             run.info(f"resumed from {path} at iteration {run.start_iter}")
-        else:
-            run.info(f"no checkpoint in {run_dir}: starting from scratch")
     return run
 
 

@@ -16,6 +16,8 @@ from timm.models.hrnet import HighResolutionModule
 from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_v2_original_keys
 from torch import Tensor, nn
 
+from protoseg.config import CHOICES
+
 # SegFormer's Mix Transformer (Xie et al., NeurIPS 2021; NVlabs/SegFormer
 # mmseg/models/backbones/mix_transformer.py, classes mit_b0..mit_b5) is PVT-v2 with other
 # settings: timm's PyramidVisionTransformerV2 expresses it exactly through its constructor (the
@@ -73,7 +75,7 @@ def load_mit_checkpoint(body: nn.Module, path: str) -> None:
     body.load_state_dict(mapped)
 
 
-HRNET_FUSES = ("bilinear", "nearest")
+HRNET_FUSES = CHOICES["model.hrnet_fuse"]
 
 
 class BilinearFuseModule(HighResolutionModule):
