@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q timm numpy opencv-python-headless scikit-learn matplotlib==3.11.2 pyyaml tqdm \
 		tensorboard packaging einops==0.8.2 yacs==0.1.8 \
 		pytest pytest-benchmark expecttest hypothesis ninja cmake cityscapesscripts==2.3.0
+	# Optional for users, needed by the tests: the host libraries protoseg.integrations plugs into,
+	# and the export formats' runtimes (docs/integrations.md, docs/export.md)
+	$(PY) -m pip install -q transformers==5.23.0 segmentation-models-pytorch==0.6.0 \
+		onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
 	touch $(STAMP)
 
 # The extension is built in place with ninja into build/ (incremental: a second `make build` with
