@@ -17,8 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from protoseg.engine.anomaly import vmf_concentration, vmf_log_normalizer
 from protoseg.engine.predict import autocast, eval_batches, pad_to_multiple, size_divisor
-from protoseg.models.prototype import usage_counts
+from protoseg.models.head import downsample_labels
+from protoseg.models.prototype import usage_buckets, usage_counts
 
 
 def usage_statistics(counts: Tensor, prototypes: Tensor, class_names: list[str]) -> dict:
@@ -79,8 +81,25 @@ def summary_scalars(stats: dict) -> dict[str, float]:
 def feature_labels(labels: Tensor, size: tuple[int, int], num_classes: int, ignore_index: int) -> Tensor:
     """[B, H, W] labels -> [B, h, w] at feature resolution by nearest neighbour, as the training
     step sees them, with ignore and any value outside [0, K) (unknown classes) as -1."""
-    y = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    y = downsample_labels(labels, size)
     return torch.where((y == ignore_index) | (y < 0) | (y >= num_classes), torch.full_like(y, -1), y)
+
+
+def _labelled_features(model, loader, device: torch.device, amp: str):
+    """For each batch of `loader` (whole images, one scale): (model.embed's maps, the labels at
+    feature resolution [B, h, w] with -1 for ignore and unknown). `model`: a prototype Segmentor."""
+    divisor = size_divisor(model)
+    for batch in eval_batches(model, loader):
+        images = pad_to_multiple(batch["images"].to(device), divisor, 0.0)
+        labels = pad_to_multiple(batch["labels"].to(device), divisor, model.ignore_index)
+        with autocast(device, amp):
+            out = model.embed(images)
+        yield out, feature_labels(labels, out["logits"].shape[-2:], model.classifier.num_classes, model.ignore_index)
+
+
+def _flat(out: dict, key: str) -> Tensor:
+    """[B, C, h, w] map -> [B * h * w, C]."""
+    return out[key].movedim(1, -1).reshape(-1, out[key].shape[1])
 
 
 @torch.no_grad()
@@ -90,15 +109,44 @@ def val_usage(model, loader, device: torch.device, amp: str = "none") -> Tensor:
     resolution (the pixels the update would use). `model` is a prototype Segmentor."""
     classifier = model.classifier
     counts = torch.zeros(classifier.num_classes, classifier.num_prototypes, dtype=torch.int64, device=device)
-    divisor = size_divisor(model)
-    for batch in eval_batches(model, loader):
-        images = pad_to_multiple(batch["images"].to(device), divisor, 0.0)
-        labels = pad_to_multiple(batch["labels"].to(device), divisor, model.ignore_index)
-        with autocast(device, amp):
-            out = model.embed(images)
-        y = feature_labels(labels, out["logits"].shape[-2:], classifier.num_classes, model.ignore_index)
-        counts += usage_counts(out["nearest"].movedim(1, -1).reshape(-1, classifier.num_classes),
-                               out["logits"].argmax(1).view(-1), y.view(-1), classifier.num_prototypes)
+    for out, y in _labelled_features(model, loader, device, amp):
+        counts += usage_counts(_flat(out, "nearest"), out["logits"].argmax(1).view(-1), y.view(-1),
+                               classifier.num_prototypes)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     return counts.cpu()
+
+
+@torch.no_grad()
+def fit_vmf(model, loader, device: torch.device, amp: str = "none") -> dict:
+    """The von Mises-Fisher fit of the open-set score "vmf" (protoseg/engine/anomaly.py): one
+    pass over `loader` (whole images, one scale; summed over ranks) collects, for each
+    prototype, the correctly classified pixels of its class it is nearest to (the pixels of
+    `val_usage`), and fits the concentration of their unit embeddings around it. Returns
+    "kappa", "log_norm", "mean_cosine" [K, M] float64 (kappa 0 and log_norm -inf where a
+    prototype has no pixel: it never wins), "count" [K, M] int64, and "prototypes" [K, M, D],
+    the unit prototypes it was fitted for."""
+    classifier = model.classifier
+    k, m = classifier.num_classes, classifier.num_prototypes
+    count = torch.zeros(k * m + 1, dtype=torch.float64, device=device)
+    cosine_sum = torch.zeros(k * m + 1, dtype=torch.float64, device=device)
+    for out, y in _labelled_features(model, loader, device, amp):
+        y = y.view(-1)
+        bucket = usage_buckets(_flat(out, "nearest"), out["logits"].argmax(1).view(-1), y, m)
+        # A correctly classified pixel's best cosine in its class is its cosine to that prototype.
+        cosine = _flat(out, "similarity").gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+        count.index_add_(0, bucket, torch.ones_like(cosine, dtype=torch.float64))
+        cosine_sum.index_add_(0, bucket, cosine.double())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        dist.all_reduce(cosine_sum)
+    count, cosine_sum = count[:-1].view(k, m).cpu(), cosine_sum[:-1].view(k, m).cpu()
+    used = count > 0
+    mean_cosine = torch.where(used, cosine_sum / count.clamp(min=1), torch.zeros_like(cosine_sum))
+    kappa = torch.zeros_like(mean_cosine)
+    log_norm = torch.full_like(mean_cosine, -math.inf)
+    if used.any():
+        kappa[used] = torch.from_numpy(vmf_concentration(mean_cosine[used].numpy(), classifier.dim))
+        log_norm[used] = torch.from_numpy(vmf_log_normalizer(kappa[used].numpy(), classifier.dim))
+    return {"kappa": kappa, "log_norm": log_norm, "count": count.long(), "mean_cosine": mean_cosine,
+            "prototypes": F.normalize(classifier.prototypes.detach().float(), dim=-1).cpu()}

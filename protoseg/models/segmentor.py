@@ -9,34 +9,8 @@ from torch import Tensor, nn
 from protoseg.config import Config
 from protoseg.models.backbones import Backbone
 from protoseg.models.decoders import build_decoder
+from protoseg.models.head import ProjectionHead, classify, train_classifier
 from protoseg.models.prototype import PrototypeClassifier
-
-
-PROJECTIONS = ("default", "released")
-
-
-class ProjectionHead(nn.Module):
-    """Decoder features [B, C, H, W] -> embeddings [B, D, H, W].
-
-    - "default": 1x1 conv, BN, ReLU, 1x1 conv, no normalisation: the classifier LayerNorms and
-      L2-normalises each pixel's embedding itself.
-    - "released": the head the released code runs. Its hrnet.py imports ProjectionHead twice;
-      the second, lib/models/modules/contrast.py's, wins: 1x1 conv, ReLU, 1x1 conv (no BN), then
-      F.normalize(dim=-1), which on [B, D, H, W] normalises along the image WIDTH, not the
-      channels (docs/design.md, section 1).
-    """
-
-    def __init__(self, cin: int, dim: int, kind: str = "default"):
-        super().__init__()
-        if kind not in PROJECTIONS:
-            raise ValueError(f"model.projection must be one of {PROJECTIONS} (got {kind!r})")
-        norm = [nn.BatchNorm2d(cin)] if kind == "default" else []
-        self.mlp = nn.Sequential(nn.Conv2d(cin, cin, 1), *norm, nn.ReLU(inplace=True), nn.Conv2d(cin, dim, 1))
-        self.kind = kind
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)
-        return F.normalize(x, p=2, dim=-1) if self.kind == "released" else x
 
 
 class Segmentor(nn.Module):
@@ -73,11 +47,7 @@ class Segmentor(nn.Module):
             return {"logits": self._upsample(maps["logits"], size),
                     "open_set_score": self._upsample(score, size)}
         e = self.projection(self.decoder(self.backbone(images)))
-        b, d, h, w = e.shape
-        # Labels at feature resolution, nearest neighbour (ignore stays ignore).
-        target = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")
-        scores, ppc, ppd = self.classifier(e.permute(0, 2, 3, 1).reshape(-1, d), target.long().view(-1))
-        logits = scores.view(b, h, w, -1).permute(0, 3, 1, 2)
+        logits, ppc, ppd = train_classifier(self.classifier, e, labels)
         return {"logits": self._upsample(logits, size), "ppc": ppc, "ppd": ppd}
 
     def embed(self, images: Tensor) -> dict[str, Tensor]:
@@ -87,16 +57,7 @@ class Segmentor(nn.Module):
         (C = K), "logits" (C = K, before upsampling)."""
         if not self.uses_prototypes:
             raise ValueError("embed needs model.classifier = prototype (this model is a softmax classifier)")
-        e = self.projection(self.decoder(self.backbone(images)))
-        b, d, h, w = e.shape
-        x_hat, similarity, nearest = self.classifier.similarity(e.permute(0, 2, 3, 1).reshape(-1, d))
-        logits = self.classifier.mask_norm(similarity)
-
-        def as_map(t: Tensor) -> Tensor:
-            return t.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-        return {"embedding": as_map(x_hat), "similarity": as_map(similarity), "nearest": as_map(nearest),
-                "logits": as_map(logits)}
+        return classify(self.classifier, self.projection(self.decoder(self.backbone(images))))
 
     def _upsample(self, x: Tensor, size) -> Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
