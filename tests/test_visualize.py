@@ -38,17 +38,34 @@ def test_visualize_writes_four_labelled_pngs_of_the_expected_size(tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_anomaly_reports_open_set_metrics_and_known_class_miou(tiny_checkpoint, tmp_path):
+def test_anomaly_reports_every_score_and_known_class_miou(tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint("data.num_classes=9", "data.unknown_digits=[8, 9]", "data.unknown_index=254",
                                  "data.scenes_val=12")
     out = tmp_path / "open.json"
+    # without the fit, vmf is left out of the default scores, and asked for by name it is one line
+    result = _run(tool_command("test.py", checkpoint, "--anomaly", "vmf"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert "tiny_checkpoint.vmf.pt, which does not exist" in result.stderr and "fit_open_set.py" in result.stderr
+    result = _run(tool_command("fit_open_set.py", checkpoint))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fitted" in result.stdout and os.path.exists(tmp_path / "tiny_checkpoint.vmf.pt")
     result = _run(tool_command("test.py", checkpoint, "--anomaly", "--out", str(out)))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "open set: AUROC" in result.stdout and "prototypes: usage entropy" in result.stdout
+    assert "open set,          vmf: AUROC" in result.stdout and "prototypes: usage entropy" in result.stdout
     results = json.loads(out.read_text())
     anomaly = results["anomaly"]
-    assert anomaly["unknown_pixels"] > 0 and anomaly["known_pixels"] > 0
-    assert 0 <= anomaly["AUROC"] <= 1 and 0 <= anomaly["AP"] <= 1 and 0 <= anomaly["FPR@95"] <= 1
+    assert list(anomaly) == ["msp", "max_logit", "energy", "cosine", "proto_energy", "vmf"]
+    for metrics in anomaly.values():
+        assert metrics["unknown_pixels"] > 0 and metrics["known_pixels"] > 0
+        assert (metrics["unknown_pixels"], metrics["known_pixels"]) == (anomaly["msp"]["unknown_pixels"],
+                                                                      anomaly["msp"]["known_pixels"])
+        assert 0 <= metrics["AUROC"] <= 1 and 0 <= metrics["AP"] <= 1 and 0 <= metrics["FPR@95"] <= 1
     assert list(results["IoU"]) == ["background"] + [str(d) for d in range(8)]  # known classes only
+    result = _run(tool_command("test.py", checkpoint, "--anomaly", "msp", "bogus"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: unknown open-set score 'bogus' (scores: msp, max_logit, energy, cosine, proto_energy, vmf)")
     result = _run(tool_command("test.py", tiny_checkpoint(), "--anomaly"))
     assert result.returncode == 2 and "data.unknown_index" in result.stderr
+    softmax = tiny_checkpoint("model.classifier=softmax")
+    result = _run(tool_command("fit_open_set.py", softmax))
+    assert result.returncode == 2 and "is a softmax classifier" in result.stderr

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protoseg.config import config_to_dict, load_config  # noqa: E402
 from protoseg.engine.checkpoint import atomic_save, atomic_write  # noqa: E402
-from protoseg.models.released import (ReleasedCheckpointError, convert_state, read_released,  # noqa: E402
+from protoseg.models.released import (convert_state, read_released,  # noqa: E402
                                       released_architecture, released_config)
 from protoseg.models.segmentor import build_model  # noqa: E402
 

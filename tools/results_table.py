@@ -3,9 +3,10 @@
     python tools/results_table.py NAME=RESULTS.json [NAME=RESULTS.json ...] [--anomaly] [--out JSON]
 
 Default: one row per class with each run's IoU, then mIoU, mAcc and aAcc (in percent).
---anomaly: one row per run with the open-set score's AUROC, average precision and FPR at 95%
-TPR (unknown pixels against known ones) and the known-class mIoU (results of tools/test.py
---anomaly). --out also writes the runs' results as one JSON object {NAME: results}.
+--anomaly: one row per (run, open-set score) with the score's AUROC, average precision and FPR
+at 95% TPR (unknown pixels against known ones, the same pixels for every score) and the run's
+known-class mIoU (results of tools/test.py --anomaly); the best of each column in bold per run.
+--out also writes the runs' results as one JSON object {NAME: results}.
 `make camvid` and `make openset` print their tables with it.
 """
 
@@ -33,11 +34,15 @@ def class_table(runs: list[tuple[str, dict]]) -> str:
 
 
 def anomaly_table(runs: list[tuple[str, dict]]) -> str:
-    lines = ["| classifier | AUROC | AP | FPR@95 | known-class mIoU |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| classifier | score | AUROC | AP | FPR@95 | known-class mIoU |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for name, results in runs:
-        a = results["anomaly"]
-        lines.append(f"| {name} | {100 * a['AUROC']:.2f} | {100 * a['AP']:.2f} | {100 * a['FPR@95']:.2f} | "
-                     f"{100 * results['mIoU']:.2f} |")
+        scores = results["anomaly"]
+        best = {"AUROC": max(s["AUROC"] for s in scores.values()), "AP": max(s["AP"] for s in scores.values()),
+                "FPR@95": min(s["FPR@95"] for s in scores.values())}
+        for score, a in scores.items():
+            cells = [f"**{100 * a[k]:.2f}**" if a[k] == best[k] else f"{100 * a[k]:.2f}" for k in best]
+            lines.append(f"| {name} | {score} | " + " | ".join(cells) + f" | {100 * results['mIoU']:.2f} |")
     return "\n".join(lines)
 
 
@@ -60,6 +65,9 @@ def read_runs(items: list[str], anomaly: bool) -> list[tuple[str, dict]]:
             hint = " (run tools/test.py with --anomaly)" if anomaly else ""
             raise ValueError(f"{path} holds no {'open-set' if anomaly else 'per-class'} results of "
                              f"tools/test.py{hint}")
+        if anomaly and not all(isinstance(v, dict) for v in results["anomaly"].values()):
+            raise ValueError(f"{path} holds one open-set score without its name (an older tools/test.py): "
+                             f"run tools/test.py --anomaly again")
         runs.append((name, results))
     return runs
 

@@ -2,7 +2,7 @@
 
     python tools/test.py [CONFIG] CHECKPOINT [section.key=value ...] [--save-pred DIR] [--limit N]
     python tools/test.py [CONFIG] CHECKPOINT data.val_split=test --format-only DIR
-    python tools/test.py [CONFIG] CHECKPOINT --anomaly          (a val split with data.unknown_index)
+    python tools/test.py [CONFIG] CHECKPOINT --anomaly [SCORE ...] (a val split with data.unknown_index)
 
 Without CONFIG the config stored in the checkpoint is used; overrides apply on top either way.
 The test protocol is the config's `test:` section: whole image (default), sliding window, and
@@ -15,11 +15,14 @@ Prints per-class IoU/Acc, mIoU, mAcc, aAcc (and for a prototype model the protot
 statistics) and writes them as JSON (--out, default test_results.json next to the checkpoint).
 --save-pred writes input | ground truth | prediction panels, colourised.
 
---anomaly also scores each pixel as open set (1 - the largest cosine to any prototype; softmax
-models: 1 - the largest probability) and reports how it separates the pixels labelled
-data.unknown_index (classes unseen in training) from those of the known classes: AUROC,
-average precision and the false-positive rate at 95% true-positive rate. The segmentation
-metrics are then over the known classes (unknown pixels left out).
+--anomaly also scores each pixel as open set with each named score (protoseg/engine/anomaly.py:
+msp, max_logit, energy; for the prototype classifier also cosine, proto_energy and vmf, which
+needs tools/fit_open_set.py's fit; no name: every score the model offers, vmf when its fit
+exists) and reports how each separates the pixels labelled data.unknown_index (classes unseen
+in training) from those of the known classes: AUROC, average precision and the false-positive
+rate at 95% true-positive rate, on the same pixels for every score. The segmentation metrics
+are then over the known classes (unknown pixels left out). --fit FILE: the vmf fit (default:
+beside the checkpoint, <checkpoint>.vmf.pt).
 
 --format-only DIR evaluates nothing and needs no labels: it writes DIR/<image stem>.png per
 image in the ids the data set's official evaluation reads (Cityscapes: label ids, the files
@@ -38,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protoseg.data.datasets import class_names  # noqa: E402
 from protoseg.data.loader import build_image_loader, build_val_loader, prepare_data  # noqa: E402
-from protoseg.engine.anomaly import AnomalyEvaluator, format_anomaly  # noqa: E402
+from protoseg.engine.anomaly import (AnomalyEvaluator, check_scores, fit_path, format_anomaly, load_fit,  # noqa: E402
+                                     offered_scores)
 from protoseg.engine.checkpoint import load_run  # noqa: E402
 from protoseg.engine.distributed import barrier, init_distributed  # noqa: E402
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results  # noqa: E402
@@ -59,8 +63,10 @@ def parse_args():
                         help="results JSON (default: test_results.json next to the checkpoint)")
     parser.add_argument("--format-only", default="", metavar="DIR",
                         help="write submission PNGs here instead of evaluating (no labels needed)")
-    parser.add_argument("--anomaly", action="store_true",
-                        help="also evaluate the open-set score on pixels labelled data.unknown_index")
+    parser.add_argument("--anomaly", nargs="*", default=None, metavar="SCORE",
+                        help="also evaluate open-set scores (default: all) on pixels labelled data.unknown_index")
+    parser.add_argument("--fit", default="", metavar="FILE",
+                        help="the vmf score's fit (default: <checkpoint>.vmf.pt beside the checkpoint)")
     args = parser.parse_args()
     first, rest = args.paths[0], args.paths[1:]
     if first.endswith((".yaml", ".yml")):
@@ -72,16 +78,24 @@ def parse_args():
     return args
 
 
+def open_set_options(args, cfg, model) -> tuple[AnomalyEvaluator, dict | None]:
+    """The evaluator of the scores --anomaly names (all the model offers by default, vmf only
+    where its fit exists) and the vmf fit when used; ValueError naming the option or file."""
+    path = args.fit or fit_path(args.checkpoint)
+    if args.fit and not os.path.exists(args.fit):
+        raise ValueError(f"--fit {args.fit} does not exist")
+    names = args.anomaly or [n for n in offered_scores(model) if n != "vmf" or os.path.exists(path)]
+    check_scores(names, model)
+    evaluator = AnomalyEvaluator(cfg.data.num_classes, cfg.data.unknown_index, names)
+    return evaluator, load_fit(path, model) if "vmf" in names else None
+
+
 def main() -> int:
     args = parse_args()
     try:
         state, cfg = load_run(args.checkpoint, args.config, args.overrides)
         check_test_config(cfg.test)
-        anomaly = AnomalyEvaluator(cfg.data.num_classes, cfg.data.unknown_index) if args.anomaly else None
-    except (OSError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # ConfigError included
+    except ValueError as e:  # the checkpoint, its config or the test protocol, in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
@@ -89,6 +103,13 @@ def main() -> int:
         prepare_data(cfg)
     barrier()
     model = load_trained_model(cfg, state).to(device)
+    fit, anomaly = None, None
+    if args.anomaly is not None:
+        try:
+            anomaly, fit = open_set_options(args, cfg, model)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     d, t = cfg.data, cfg.test
     windows = f" crop {t.crop_size} stride {t.stride}" if t.mode == "slide" else ""
     protocol = f"test.mode={t.mode}{windows}, scales {t.scales}, flip {str(t.flip).lower()}"
@@ -109,14 +130,15 @@ def main() -> int:
                   f"{len(names)} predictions to {args.format_only}")
     else:
         loader = build_val_loader(cfg, rank, world)
-        evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes, d.unknown_digits),
+        evaluator = SegEvaluator(d.num_classes,
+                                 class_names(d.dataset, d.num_classes, d.unknown_digits, d.unknown_classes),
                                  d.ignore_index, d.unknown_index)
         save_dir = args.save_pred
         if save_dir and world > 1:
             save_dir = os.path.join(save_dir, f"rank{rank}")
         started = time.perf_counter()
         results = evaluate_model(model, loader, evaluator, device, t, cfg.train.amp, save_dir, args.limit,
-                                 anomaly)
+                                 anomaly, fit)
         elapsed = time.perf_counter() - started
         if anomaly is not None:
             results["anomaly"] = anomaly.evaluate()

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protoseg.config import ConfigError  # noqa: E402
 from protoseg.data.datasets import class_names, read_image  # noqa: E402
 from protoseg.data.loader import build_val_loader, prepare_data  # noqa: E402
 from protoseg.engine.checkpoint import load_run  # noqa: E402
@@ -130,10 +129,7 @@ def main() -> int:
     started = time.perf_counter()
     try:
         state, cfg = load_run(args.checkpoint, overrides=args.overrides)
-    except (OSError, RuntimeError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
+    except ValueError as e:  # the checkpoint or its config, in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.model.classifier != "prototype":
@@ -147,7 +143,7 @@ def main() -> int:
         prepare_data(cfg)
     device = torch.device("cpu")
     model = load_trained_model(cfg, state).eval()
-    names = class_names(d.dataset, d.num_classes, d.unknown_digits)
+    names = class_names(d.dataset, d.num_classes, d.unknown_digits, d.unknown_classes)
     loader = build_val_loader(cfg, 0, 1)
     run = f"{cfg.name}, iteration {state.get('iteration')}"
     os.makedirs(args.out, exist_ok=True)

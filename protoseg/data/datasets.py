@@ -51,11 +51,15 @@ class SegmentationDataset(Dataset):
     Returns (image [3, H, W] float32, label [H, W] int64, index), or None for a bad sample when
     on_error == "skip". `unknown_index` (>= 0) is one more label value allowed besides the
     classes and ignore: pixels of classes unseen in training, in an open-set val split.
+    `held_out`: label values of classes held out of an open-set run (data.unknown_classes), read
+    as `held_out_as` (ignore in training, unknown_index in evaluation); the files then hold
+    num_classes + len(held_out) classes, and the others are renumbered 0 .. num_classes - 1 in order.
     """
 
     def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform, *,
                  ignore_index: int = 255, reduce_zero_label: bool = False, on_error: str = "raise",
-                 seed: int = 0, unknown_index: int = -1):
+                 seed: int = 0, unknown_index: int = -1, held_out: tuple[int, ...] = (),
+                 held_out_as: int = -1):
         if not pairs:
             raise ValueError("the data set is empty (no image/label pairs found)")
         if on_error not in ("raise", "skip"):
@@ -68,6 +72,7 @@ class SegmentationDataset(Dataset):
         self.on_error = on_error
         self.seed = seed
         self.unknown_index = unknown_index
+        self.label_map = held_out_map(num_classes, held_out, held_out_as, ignore_index) if held_out else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -100,13 +105,35 @@ class SegmentationDataset(Dataset):
         if self.reduce_zero_label:  # ADE20K: 0 is "other" -> ignore, classes shift down by one
             label = label.astype(np.int32) - 1
             label[label < 0] = self.ignore_index
-        bad = (label >= self.num_classes) & (label != self.ignore_index) & (label != self.unknown_index)
+        classes = self.num_classes if self.label_map is None else len(self.label_map) - 1
+        bad = (label >= classes) & (label != self.ignore_index) & (label != self.unknown_index)
         if bad.any():
             values = np.unique(label[bad])
             unknown = f" or unknown ({self.unknown_index})" if self.unknown_index >= 0 else ""
             raise SampleError(f"label {label_path} has value(s) {values[:8].tolist()} outside "
-                              f"[0, {self.num_classes}) that are not ignore ({self.ignore_index}){unknown}")
+                              f"[0, {classes}) that are not ignore ({self.ignore_index}){unknown}")
+        if self.label_map is not None:  # the class values, then ignore (the only other value left)
+            label = np.where(label < classes, self.label_map[np.minimum(label, classes)], label)
         return image, label.astype(np.uint8 if self.num_classes < 256 else np.int32)
+
+
+def held_out_map(num_known: int, held_out, held_out_as: int, ignore_index: int) -> np.ndarray:
+    """[num_known + len(held_out) + 1] int64: the id each label value of a data set's classes
+    takes in an open-set run, the held-out ones `held_out_as`, the others 0 .. num_known - 1 in
+    order (the last entry is unused padding, so that any class value can index it)."""
+    total = num_known + len(held_out)
+    if len(set(held_out)) != len(held_out) or not all(0 <= c < total for c in held_out):
+        raise ConfigError(f"data.unknown_classes must be distinct label values in [0, {total}) "
+                          f"(got {list(held_out)} with data.num_classes {num_known} known classes)")
+    if held_out_as < 0:
+        raise ConfigError("data.unknown_classes needs data.unknown_index, the label value its classes "
+                          "take in evaluation (e.g. 254)")
+    if held_out_as != ignore_index and held_out_as < num_known:
+        raise ConfigError(f"data.unknown_index {held_out_as} is a class id when data.num_classes is {num_known}")
+    known = [c for c in range(total) if c not in held_out]
+    lut = np.full(total + 1, held_out_as, dtype=np.int64)
+    lut[known] = np.arange(num_known)
+    return lut
 
 
 class ImageDataset(Dataset):
@@ -169,13 +196,16 @@ def folder_pairs(images_dir: str, labels_dir: str, label_suffix: str = ".png",
     return pairs
 
 
-def check_label_values(dataset: str, num_classes: int, ignore_index: int) -> None:
+def check_label_values(dataset: str, num_classes: int, ignore_index: int, unknown_classes=()) -> None:
     """Raise ConfigError where data.num_classes / data.ignore_index contradict the data set's
-    labels (CamVid: classes 0-10, 11 = Unlabelled)."""
-    if dataset == "camvid" and (num_classes, ignore_index) != (len(CAMVID_CLASSES), CAMVID_IGNORE):
+    labels (CamVid: classes 0-10, 11 = Unlabelled; num_classes counts the classes not held out)."""
+    total = num_classes + len(unknown_classes)
+    if dataset == "camvid" and (total, ignore_index) != (len(CAMVID_CLASSES), CAMVID_IGNORE):
+        held = f" minus the {len(unknown_classes)} of data.unknown_classes" if unknown_classes else ""
         raise ConfigError(f"data.dataset camvid has {len(CAMVID_CLASSES)} classes (label values 0-10) and "
-                          f"{CAMVID_IGNORE} (Unlabelled) as its ignore value: set data.num_classes: 11 and "
-                          f"data.ignore_index: 11 (got {num_classes} and {ignore_index})")
+                          f"{CAMVID_IGNORE} (Unlabelled) as its ignore value: set data.num_classes: "
+                          f"{len(CAMVID_CLASSES) - len(unknown_classes)} (11{held}) and data.ignore_index: 11 "
+                          f"(got {num_classes} and {ignore_index})")
 
 
 def dataset_pairs(dataset: str, root: str, split: str) -> list[tuple[str, str]]:
@@ -222,16 +252,15 @@ def split_layout(dataset: str, root: str, split: str) -> tuple[str, str, str, st
     raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)} (got {dataset!r})")
 
 
-def class_names(dataset: str, num_classes: int, unknown_digits=()) -> list[str]:
+def class_names(dataset: str, num_classes: int, unknown_digits=(), unknown_classes=()) -> list[str]:
     """The names of a data set's class ids (class_0, class_1, ... where the set has none);
-    `unknown_digits`: open-set DigitScenes (data.unknown_digits)."""
+    `unknown_digits`: open-set DigitScenes (data.unknown_digits); `unknown_classes`: the label
+    values held out of an open-set run (data.unknown_classes), whose names are left out."""
     digits = digitscenes.class_names(unknown_digits)
     if dataset == "digitscenes" and num_classes == len(digits):
         return digits
-    if dataset == "cityscapes" and num_classes == len(CITYSCAPES_CLASSES):
-        return list(CITYSCAPES_CLASSES)
-    if dataset == "camvid" and num_classes == len(CAMVID_CLASSES):
-        return list(CAMVID_CLASSES)
-    if dataset == "ade20k_full" and num_classes == len(ADE20K_FULL_CLASSES):
-        return list(ADE20K_FULL_CLASSES)
+    names = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
+             "ade20k_full": ADE20K_FULL_CLASSES}.get(dataset, ())
+    if len(names) == num_classes + len(unknown_classes):
+        return [name for c, name in enumerate(names) if c not in unknown_classes]
     return [f"class_{k}" for k in range(num_classes)]

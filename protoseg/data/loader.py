@@ -79,13 +79,14 @@ def prepare_data(cfg: Config) -> None:
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, start_iter: int) -> DataLoader:
     d = cfg.data
-    check_label_values(d.dataset, d.num_classes, d.ignore_index)
+    check_label_values(d.dataset, d.num_classes, d.ignore_index, d.unknown_classes)
     transform = TrainTransform(tuple(d.crop_size), tuple(d.scale_range), d.flip, d.photometric,
                                ignore_index=d.ignore_index, **normalization(cfg))
     dataset = SegmentationDataset(dataset_pairs(d.dataset, d.root, d.train_split), d.num_classes,
                                   transform, ignore_index=d.ignore_index,
                                   reduce_zero_label=d.dataset == "ade20k", on_error=d.on_error,
-                                  seed=cfg.train.seed)
+                                  seed=cfg.train.seed, held_out=tuple(d.unknown_classes),
+                                  held_out_as=d.ignore_index)
     sampler = TrainSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size, start_iter)
     # A private generator: creating the loader's iterator must not draw from the global RNG,
     # whose state the checkpoint restores.
@@ -97,7 +98,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, start_iter: int)
 def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
     """Whole images of the val split (or of data.val_images/val_labels), sharded over ranks."""
     d = cfg.data
-    check_label_values(d.dataset, d.num_classes, d.ignore_index)
+    check_label_values(d.dataset, d.num_classes, d.ignore_index, d.unknown_classes)
     if bool(d.val_images) != bool(d.val_labels):
         raise ValueError("set both data.val_images and data.val_labels, or neither")
     if d.val_images:
@@ -106,7 +107,8 @@ def build_val_loader(cfg: Config, rank: int, world_size: int) -> DataLoader:
         pairs = dataset_pairs(d.dataset, d.root, d.val_split)
     dataset = SegmentationDataset(pairs, d.num_classes, EvalTransform(**normalization(cfg)),
                                   ignore_index=d.ignore_index, reduce_zero_label=d.dataset == "ade20k",
-                                  on_error=d.on_error, unknown_index=d.unknown_index)
+                                  on_error=d.on_error, unknown_index=d.unknown_index,
+                                  held_out=tuple(d.unknown_classes), held_out_as=d.unknown_index)
     shard = list(range(rank, len(dataset), world_size))  # no padding: each image counted once
     return DataLoader(dataset, batch_size=d.eval_batch_size, sampler=shard, num_workers=d.num_workers,
                       collate_fn=collate, worker_init_fn=_worker_init)

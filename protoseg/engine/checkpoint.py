@@ -108,9 +108,12 @@ def load_checkpoint(path: str) -> dict:
 
 def load_run(checkpoint: str, config: str = "", overrides=()) -> tuple[dict, Config]:
     """(checkpoint state, config) for a tool: the config file `config` if given, else the one
-    the checkpoint stores, with `overrides` on top. Raises OSError or RuntimeError when the
-    checkpoint cannot be read, ConfigError for a bad config or one the checkpoint lacks."""
-    state = load_checkpoint(checkpoint)
+    the checkpoint stores, with `overrides` on top. Raises ValueError with one line to print:
+    the checkpoint cannot be read, or ConfigError for a bad config or one the checkpoint lacks."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
     if config:
         return state, load_config(config, overrides)
     if not isinstance(state.get("config"), dict):

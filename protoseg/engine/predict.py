@@ -21,7 +21,7 @@ crops the logits back, so any image size works.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from protoseg.config import TestConfig
-from protoseg.engine.anomaly import AnomalyEvaluator
+from protoseg.engine.anomaly import AnomalyEvaluator, check_scores, score_maps
 from protoseg.engine.evaluator import SegEvaluator
 from protoseg.engine.outputs import write_panel
 
@@ -82,25 +82,28 @@ def num_views(test: TestConfig) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none", open_set: bool = False):
+def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none",
+            open_set: Sequence[str] = (), fit: dict | None = None):
     """images [B, 3, H, W] normalised -> [B, K, H, W] float32 scores whose argmax over K is the
     prediction: with one view (num_views(test) == 1) its logits, else the mean over the views
     of their softmax probabilities. `model` (in eval mode) maps images to {"logits": ...}.
     fp16 autocast, which needs CUDA, becomes float32 on other devices.
 
-    open_set: return (scores, open-set score [B, H, W] float32), the score higher for pixels
-    less like any known class: for the prototype classifier 1 - the largest cosine to any
-    prototype (the model's "open_set_score", averaged over windows and views like the logits),
-    for the softmax classifier 1 - the largest (view-averaged) softmax probability."""
+    open_set: names of open-set scores (protoseg/engine/anomaly.py; `fit` for "vmf"): return
+    (scores, [B, S, H, W] float32 open-set maps in that order), each higher for pixels less like
+    any known class, averaged over windows and views like the logits."""
     check_test_config(test)
+    check_scores(open_set, model)
+    if "vmf" in open_set and fit is None:
+        raise ValueError("open-set score vmf needs its fit (tools/fit_open_set.py CHECKPOINT, then load_fit)")
     if amp == "fp16" and images.device.type != "cuda":  # a GPU-trained config predicting on the CPU
         amp = "none"
     height, width = images.shape[-2:]
     views = [(s, f) for s in test.scales for f in ((False, True) if test.flip else (False,))]
     divisor = size_divisor(model)
-    # The prototype score travels as one more channel after the K logits, so windows, scales
-    # and flips treat it exactly as they treat the logits.
-    extra = open_set and bool(getattr(model, "uses_prototypes", False))
+    # The open-set maps travel as more channels after the K logits, so windows, scales and flips
+    # treat them exactly as they treat the logits.
+    extra = len(open_set)
     total = None
     for scale, flipped in views:
         x = images
@@ -110,9 +113,9 @@ def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none
         if flipped:
             x = x.flip(-1)
         if test.mode == "whole":
-            maps = _forward(model, x, amp, divisor, extra)
+            maps = _forward(model, x, amp, divisor, open_set, fit)
         else:
-            maps = _slide(model, x, test, amp, divisor, extra)
+            maps = _slide(model, x, test, amp, divisor, open_set, fit)
         if flipped:
             maps = maps.flip(-1)
         if maps.shape[-2:] != (height, width):
@@ -125,29 +128,32 @@ def predict(model: nn.Module, images: Tensor, test: TestConfig, amp: str = "none
         total = total.div_(len(views))
     if not open_set:
         return total
-    if extra:
-        return total[:, :-1], total[:, -1]
-    probs = total.softmax(dim=1) if len(views) == 1 else total
-    return total, 1 - probs.amax(dim=1)
+    return total[:, :-extra], total[:, -extra:]
 
 
 def pad_to_multiple(x: Tensor, divisor: int, value: float) -> Tensor:
-    """x [..., H, W] padded at the bottom and right with `value` to multiples of `divisor`."""
+    """x [..., H, W] padded at the bottom and right with `value` to multiples of `divisor`.
+
+    Pads by zero rows rather than testing whether padding is needed: such a test on the size
+    becomes a guard that torch.export bakes into an exported program (protoseg/export.py),
+    which would then refuse every size on the other side of it."""
     pad_h, pad_w = -x.shape[-2] % divisor, -x.shape[-1] % divisor
-    return F.pad(x, (0, pad_w, 0, pad_h), value=value) if pad_h or pad_w else x
+    return F.pad(x, (0, pad_w, 0, pad_h), value=value)
 
 
-def _forward(model: nn.Module, x: Tensor, amp: str, divisor: int, extra: bool = False) -> Tensor:
-    """One forward pass, padded to the network's stride and cropped back: float32 logits, with
-    extra the open-set score as one more channel."""
+def _forward(model: nn.Module, x: Tensor, amp: str, divisor: int, open_set: Sequence[str] = (),
+             fit: dict | None = None) -> Tensor:
+    """One forward pass, padded to the network's stride and cropped back: float32 logits, then
+    the open-set maps of `open_set` as more channels."""
     height, width = x.shape[-2:]
+    x = pad_to_multiple(x, divisor, 0.0)
     with autocast(x.device, amp):
-        out = model(pad_to_multiple(x, divisor, 0.0))
-    maps = torch.cat([out["logits"], out["open_set_score"]], dim=1) if extra else out["logits"]
+        maps = score_maps(model, x, open_set, fit) if open_set else model(x)["logits"]
     return maps[..., :height, :width].float()
 
 
-def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int, extra: bool) -> Tensor:
+def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int, open_set: Sequence[str],
+           fit: dict | None) -> Tensor:
     (crop_h, crop_w), (stride_h, stride_w) = test.crop_size, test.stride
     batch, _, height, width = x.shape
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
@@ -163,7 +169,7 @@ def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int
     for start in range(0, len(items), test.window_batch):
         chunk = items[start:start + test.window_batch]
         crops = torch.stack([x[b, :, y:y + crop_h, x0:x0 + crop_w] for y, x0, b in chunk])
-        logits = _forward(model, crops, amp, divisor, extra)
+        logits = _forward(model, crops, amp, divisor, open_set, fit)
         if total is None:
             total = logits.new_zeros(batch, logits.shape[1], full_h, full_w)
         for (y, x0, b), window_logits in zip(chunk, logits):
@@ -175,13 +181,14 @@ def _slide(model: nn.Module, x: Tensor, test: TestConfig, amp: str, divisor: int
 
 
 def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, test: TestConfig,
-                   amp: str = "none", open_set: bool = False) -> Iterator[tuple[dict, Tensor, Tensor | None]]:
-    """(batch, prediction [B, H, W] int64, open-set score [B, H, W] float32 with `open_set`
-    else None), on `device`, for each batch of `loader` that has images; `model` is put in
-    eval mode for the duration and restored after."""
+                   amp: str = "none", open_set: Sequence[str] = (),
+                   fit: dict | None = None) -> Iterator[tuple[dict, Tensor, Tensor | None]]:
+    """(batch, prediction [B, H, W] int64, open-set maps [B, S, H, W] float32 of the scores
+    `open_set` or None), on `device`, for each batch of `loader` that has images; `model` is
+    put in eval mode for the duration and restored after."""
     for batch in eval_batches(model, loader):
         images = batch["images"].to(device, non_blocking=True)
-        result = predict(model, images, test, amp, open_set=open_set)
+        result = predict(model, images, test, amp, open_set=open_set, fit=fit)
         scores, score = result if open_set else (result, None)
         yield batch, scores.argmax(dim=1), score
 
@@ -200,16 +207,18 @@ def eval_batches(model: nn.Module, loader: DataLoader) -> Iterator[dict]:
 
 def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: SegEvaluator, device: torch.device,
                    test: TestConfig, amp: str = "none", save_dir: str = "", save_limit: int = 0,
-                   anomaly: AnomalyEvaluator | None = None) -> dict:
+                   anomaly: AnomalyEvaluator | None = None, fit: dict | None = None) -> dict:
     """Predict every batch of `loader` as `test` says, accumulate the confusion matrix (summed
     over ranks) and return the metrics. With `save_dir`, writes up to `save_limit` (0: all)
     panels <name>.png: input | ground truth | prediction, colourised. With `anomaly`, the
-    open-set scores are collected there too (its metrics: anomaly.evaluate())."""
+    open-set scores anomaly.names are collected there too (its metrics: anomaly.evaluate()).
+    `fit`: the von Mises-Fisher fit the "vmf" score needs."""
     evaluator.reset()
     if anomaly is not None:
         anomaly.reset()
     saved = 0
-    for batch, pred, score in predict_loader(model, loader, device, test, amp, open_set=anomaly is not None):
+    names = anomaly.names if anomaly is not None else ()
+    for batch, pred, score in predict_loader(model, loader, device, test, amp, open_set=names, fit=fit):
         labels = batch["labels"].to(device, non_blocking=True)
         evaluator.process(pred, labels)
         if anomaly is not None:

@@ -197,7 +197,8 @@ def start_loop(run: Run) -> None:
         run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
     run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
     run.val_loader = build_val_loader(cfg, run.rank, run.world)
-    run.evaluator = SegEvaluator(d.num_classes, class_names(d.dataset, d.num_classes, d.unknown_digits),
+    run.evaluator = SegEvaluator(d.num_classes,
+                                 class_names(d.dataset, d.num_classes, d.unknown_digits, d.unknown_classes),
                                  d.ignore_index, d.unknown_index)
     if run.resumed is not None and len(run.resumed["rng"]) == run.world:
         ckpt.set_rng_state(run.resumed["rng"][run.rank])

@@ -40,15 +40,23 @@ def global_sinkhorn(scores: Tensor, labels: Tensor, num_classes: int, iterations
     )
 
 
-def usage_counts(nearest: Tensor, pred: Tensor, labels: Tensor, num_prototypes: int) -> Tensor:
-    """[K, M] int64: for each prototype, the correctly classified pixels of its class (pred ==
-    labels) that it is the nearest prototype of. nearest [N, K] int64 (argmax over each class's
-    prototypes, as proto_similarity's index), pred and labels [N] (labels negative: ignored).
-    Written without data-dependent shapes, so it runs inside a compiled training step."""
+def usage_buckets(nearest: Tensor, pred: Tensor, labels: Tensor, num_prototypes: int) -> Tensor:
+    """[N] int64: for each pixel classified correctly (pred == labels), the prototype k * M + m
+    of its class it is nearest to; K * M for every other pixel. nearest [N, K] int64 (argmax
+    over each class's prototypes, as proto_similarity's index), pred and labels [N] (labels
+    negative: ignored)."""
     k, m = nearest.shape[1], num_prototypes
     correct = (labels >= 0) & (pred == labels)
     own = nearest.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-    bucket = torch.where(correct, labels * m + own, torch.full_like(labels, k * m))
+    return torch.where(correct, labels * m + own, torch.full_like(labels, k * m))
+
+
+def usage_counts(nearest: Tensor, pred: Tensor, labels: Tensor, num_prototypes: int) -> Tensor:
+    """[K, M] int64: for each prototype, the correctly classified pixels of its class that it
+    is the nearest prototype of (arguments as `usage_buckets`). Written without data-dependent
+    shapes, so it runs inside a compiled training step."""
+    k, m = nearest.shape[1], num_prototypes
+    bucket = usage_buckets(nearest, pred, labels, m)
     counts = torch.zeros(k * m + 1, dtype=torch.int64, device=nearest.device)
     return counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:-1].view(k, m)
 
