@@ -193,8 +193,10 @@ def config_from_dict(data: dict, source: str = "<checkpoint>",
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    """Write `cfg` as YAML to `path` atomically (a reader sees the old file or the whole new one)."""
+    from protoseg.engine.checkpoint import atomic_write  # the engine imports this module
+
+    atomic_write(path, lambda f: f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()))
 
 
 def _apply_overrides(data: dict, overrides: typing.Sequence[str]) -> None:

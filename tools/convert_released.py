@@ -16,12 +16,11 @@ import os
 import sys
 
 import torch  # noqa: F401  (loads libtorch before protoseg's extension)
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protoseg.config import config_to_dict, load_config  # noqa: E402
-from protoseg.engine.checkpoint import atomic_save, atomic_write  # noqa: E402
+from protoseg.config import config_to_dict, load_config, save_config  # noqa: E402
+from protoseg.engine.checkpoint import atomic_save  # noqa: E402
 from protoseg.models.released import (convert_state, read_released,  # noqa: E402
                                       released_architecture, released_config)
 from protoseg.models.segmentor import build_model  # noqa: E402
@@ -51,7 +50,7 @@ def main() -> int:
         atomic_save({"model": converted, "config": config_to_dict(cfg), "iteration": 0,
                      "converted_from": os.path.abspath(args.released), "architecture": architecture}, args.out)
         config_path = os.path.splitext(args.out)[0] + ".yaml"
-        atomic_write(config_path, lambda f: f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()))
+        save_config(cfg, config_path)
     except (ValueError, OSError) as e:  # ConfigError and ReleasedCheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
