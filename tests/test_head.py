@@ -107,8 +107,7 @@ def test_misuse_raises_one_line_naming_the_problem():
     for bad in (labels[0], labels[:1], labels[:, :4, :4], labels.float()):
         with pytest.raises(ValueError, match=r"labels must be integer \[B, H, W\] with B = 2"):
             head.loss(bad)
-        head(features)  # a rejected call spends the forward
-    head.loss(labels)
+    head.loss(labels)  # the rejected calls left the forward's embeddings in place
     with pytest.raises(RuntimeError, match="already called for this forward"):
         head.loss(labels)
     head.set_labels(labels)

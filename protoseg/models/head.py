@@ -172,8 +172,8 @@ class PrototypeHead(nn.Module):
                                "PrototypeHead.loss needs a training-mode forward first (model.train(), then model(images))")
         if labels is None:
             raise ValueError("PrototypeHead.loss needs labels [B, H, W] (none were given to set_labels())")
+        self._check_labels(labels, self._embeddings)  # before anything changes: a rejected call can be retried
         e, self._embeddings, self._spent = self._embeddings, None, True
-        self._check_labels(labels, e)
         enabled, dtype = self._autocast
         with torch.autocast(e.device.type, dtype=dtype, enabled=enabled):
             _, ppc, ppd = train_classifier(self.classifier, e, labels)
