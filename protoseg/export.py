@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 from torch import Tensor, nn
@@ -250,11 +251,15 @@ def check_format(format: str) -> None:
 
 
 def check_writable(out: str) -> None:
-    """Raise ValueError unless a file `out` can be created or replaced (before any slow work)."""
+    """Raise ValueError unless a file `out` can be created or replaced, found by creating (and
+    removing) a file beside it: before any slow work, and true for root and read-only mounts too."""
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
         raise ValueError(f"cannot write {out}: it is a folder")
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out}: folder {folder} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(out)}.probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from e
