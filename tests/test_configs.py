@@ -1,8 +1,12 @@
-"""Every shipped ProtoSeg config trains: built at its own size (pretrained weights off), two
-training iterations and one evaluation on a tiny synthetic data set written in that data set's
-own file layout at a 64x64 crop; every softmax twin differs from its ProtoSeg config only in
-model.classifier, so of the twins only those of the small models train here too (the others
-would build the same full-size backbones again for a 1x1 conv)."""
+"""Every shipped network trains, and every data set layout a config reads: built at its own
+size (pretrained weights off), two training iterations and one evaluation on a tiny synthetic
+data set written in that data set's own file layout at a 64x64 crop. Of the full-size paper
+configs one per network (backbone + decoder) trains, chosen so that the trained ones read every
+data set layout and the largest vocabulary (ADE20K-Full, 847 classes); each of the others differs
+from a trained one only in what the trained ones cover together (its data set, number of
+classes, crop, schedule and test protocol), which `test_every_config_shares_a_trained_network`
+checks. Every softmax twin differs from its ProtoSeg config only in model.classifier, so of the
+twins only those of the small models train here too."""
 
 from __future__ import annotations
 
@@ -20,7 +24,14 @@ from protoseg.engine import trainer as trainer_module
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NAMES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml")))
-TRAINED = [n for n in NAMES if not n.endswith("_softmax.yaml") or n.startswith(("digitscenes", "camvid"))]
+SMALL = ("digitscenes", "camvid")
+# One config per full-size network; together they read every data set layout (and K = 847).
+FULL_SIZE_TRAINED = ["cityscapes_hrnet48_protoseg.yaml", "ade20k_full_hrnet48_protoseg.yaml",
+                     "ade20k_mitb5_segformer_protoseg.yaml", "ade20k_r101_deeplabv3_protoseg.yaml",
+                     "coco_stuff_swinb_upernet_protoseg.yaml"]
+TRAINED = [n for n in NAMES if n.startswith(SMALL)] + FULL_SIZE_TRAINED
+NETWORK_KEYS = ("backbone", "decoder", "decoder_channels", "dropout", "output_stride", "proj_dim", "projection",
+                "hrnet_fuse", "align_corners", "classifier", "num_prototypes")
 CROP = 64
 
 
@@ -65,7 +76,7 @@ def _write_dataset(root, dataset: str, num_classes: int, ignore_index: int) -> N
                 assert cv2.imwrite(str(root / rel), array)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if not n.startswith(("digitscenes", "camvid"))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if not n.startswith(SMALL)
                                   else n for n in TRAINED])
 def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch):
     cfg = load_config(os.path.join(CONFIGS, name))
@@ -100,6 +111,20 @@ def test_config_trains_two_iterations_and_evaluates(name, tmp_path, monkeypatch)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert ("ppc" in records[0]) == (cfg.model.classifier == "prototype")
+
+
+def test_every_config_shares_a_trained_network():
+    """Every config not trained above has the network of one that is (softmax twins: of their
+    ProtoSeg config's network but the classifier), and its data set layout is read by one that is."""
+    trained = [load_config(os.path.join(CONFIGS, n)) for n in TRAINED]
+    networks = {tuple(getattr(c.model, k) for k in NETWORK_KEYS) for c in trained}
+    layouts = {c.data.dataset for c in trained}
+    assert max(c.data.num_classes for c in trained) == 847
+    for name in sorted(set(NAMES) - set(TRAINED)):
+        cfg = load_config(os.path.join(CONFIGS, name))
+        cfg.model.classifier = "prototype"  # a twin's network is its ProtoSeg config's but the 1x1 conv
+        assert tuple(getattr(cfg.model, k) for k in NETWORK_KEYS) in networks, name
+        assert cfg.data.dataset in layouts, name
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n.endswith("_softmax.yaml")])
