@@ -7,9 +7,10 @@
   object file whose host code launches it (nvcc gives kernel templates' host stubs internal
   linkage; the .cu files hide their host side from the device passes, see csrc/cuda/common.cuh,
   so this is checked, not assumed); no kernel is compiled in two objects;
-- `nvcc -cubin -Xptxas=-v` (the device passes alone) of every csrc/cuda/*.cu at sm_80 and sm_90
-  reports 0 bytes of spill stores and loads for every kernel, and the built cubins use no local
-  memory.
+- no kernel of any built cubin uses a stack frame or local memory (cuobjdump's STACK:0 LOCAL:0),
+  so none spills registers: ptxas puts spilled registers in the stack frame. (To see registers
+  and spills per kernel while tuning: `nvcc -cubin -Xptxas=-v` on a csrc/cuda/*.cu file, read
+  by tests/emulated/ptxas_report.py.)
 
 They run whenever the build is expected to include CUDA (a CUDA build of torch and a toolkit,
 as in `make test`); they skip, saying why, only where no CUDA toolkit exists at all.
@@ -175,27 +176,7 @@ def test_each_kernel_lives_in_the_one_object_that_launches_it():
     assert owner, "no protoseg kernels in the CUDA objects"
 
 
-def test_built_kernels_use_no_local_memory():
+def test_built_kernels_spill_nothing_and_use_no_local_memory():
     for arch, kernels in _cubin_kernels().items():
         bad = {k: v for k, v in kernels.items() if "protoseg" in k and (v.get("LOCAL", 0) or v.get("STACK", 0))}
         assert not bad, f"{arch}: kernels with stack/local memory: {bad}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_no_register_spills(arch, tmp_path):
-    nvcc = _tool("nvcc")
-    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
-    report = {}
-    for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
-        cmd = [
-            nvcc, "-cubin", source, "-o", str(tmp_path / "kernels.cubin"), "-I", os.path.join(ROOT, "csrc"),
-            "-I", torch_include, "-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-arch=sm_{arch}", "-Xptxas=-v",
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-5000:]
-        report.update(ptxas_report.parse(res.stdout + res.stderr))
-    assert len(report) >= 40, f"expected every instantiated kernel in the ptxas report, got {len(report)}"
-    spills = {name: r for name, r in report.items() if r.get("spill_stores") or r.get("spill_loads")}
-    pretty = dict(zip(ptxas_report.demangle([n for n, _ in spills]), spills.values()))
-    assert not spills, f"register spills at sm_{arch}: {pretty}"
