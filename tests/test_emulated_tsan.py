@@ -36,8 +36,9 @@ def test_emulated_kernels_have_no_data_race(tmp_path):
     stale = not os.path.exists(exe) or os.path.getmtime(exe) < max(os.path.getmtime(f) for f in deps)
     if stale:
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        # -g1: line tables only, enough for file:line in a race report; full -g triples the compile.
         cmd = [
-            _compiler(), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread",
+            _compiler(), "-std=c++20", "-O1", "-g1", "-fsanitize=thread", "-pthread",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             "-I", os.path.join(ROOT, "csrc"), "-I", EMU,
             "-I", os.path.join(torch_dir, "include"),
@@ -59,7 +60,7 @@ def test_tsan_sees_a_missing_syncthreads(tmp_path):
     """Negative control: the same executor under TSan reports a kernel that reads a neighbour's
     shared-memory slot without __syncthreads, and stays quiet once the barrier is there."""
     exe = str(tmp_path / "tsan_control")
-    cmd = [_compiler(), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread",
+    cmd = [_compiler(), "-std=c++20", "-O1", "-g1", "-fsanitize=thread", "-pthread",
            "-I", os.path.join(ROOT, "csrc"), "-I", EMU, os.path.join(EMU, "tsan_control.cpp"), "-o", exe]
     subprocess.run(cmd, check=True)
     env = dict(os.environ, TSAN_OPTIONS="exitcode=66")
