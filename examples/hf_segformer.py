@@ -5,7 +5,8 @@ its forward when given labels; the head's PPC/PPD are added to that loss.
 
     python examples/hf_segformer.py [--softmax] [--iterations 300]
 
-CPU budget: about 5 min on 2 cores at the defaults (docs/integrations.md has the figures).
+CPU time: see docs/integrations.md (300 iterations take longer than 5 min on 2 shared cores; use
+--iterations to fit a budget).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ DigitScenes with ProtoSeg's prototype classifier in place of its segmentation he
 
     python examples/smp_unet.py [--softmax] [--iterations 300]
 
-CPU budget: about 5 min on 2 cores at the defaults (docs/integrations.md has the figures).
+CPU time: see docs/integrations.md (300 iterations take longer than 5 min on 2 shared cores; use
+--iterations to fit a budget).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ with ProtoSeg's prototype classifier in place of its last 1x1 conv (or, with --s
 
     python examples/torchvision_deeplabv3.py [--softmax] [--iterations 300]
 
-CPU budget: about 5 min on 2 cores at the defaults (docs/integrations.md has the figures).
+CPU time: see docs/integrations.md (300 iterations take longer than 5 min on 2 shared cores; use
+--iterations to fit a budget).
 """
 
 from __future__ import annotations
