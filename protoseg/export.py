@@ -163,7 +163,7 @@ def export_checkpoint(checkpoint: str, format: str, out: str, *, open_set: bool 
     (with `overrides`); the metadata also names the classes. Raises ValueError for an unreadable checkpoint or bad arguments (open_set on a softmax classifier)."""
     check_format(format)  # before loading anything
     check_writable(out)
-    state, cfg = read_checkpoint(checkpoint, overrides)
+    state, cfg = load_run(checkpoint, "", overrides)  # ValueError: one line naming the file
     if open_set and cfg.model.classifier != "prototype":
         raise ValueError(f"--open-set needs a prototype classifier: {checkpoint} holds a "
                          f"model.classifier={cfg.model.classifier} model (no open-set score output)")
@@ -202,7 +202,7 @@ def verify_checkpoint(checkpoint: str, path: str, format: str, *, open_set: bool
     {"images", "sizes" (the [H, W]s seen), "max_abs_diff" (logits), "argmax_agreement"
     (fraction of pixels), "miou_exported", "miou_eager"}, with open_set also
     "score_max_abs_diff"."""
-    state, cfg = read_checkpoint(checkpoint, overrides)
+    state, cfg = load_run(checkpoint, "", overrides)  # ValueError: one line naming the file
     d = cfg.data
     if not d.val_images:
         prepare_data(cfg)
@@ -235,14 +235,6 @@ def verify_checkpoint(checkpoint: str, path: str, format: str, *, open_set: bool
     result["argmax_agreement"] /= max(pixels, 1)
     result["miou_exported"], result["miou_eager"] = (e.evaluate()["mIoU"] for e in evaluators)
     return result
-
-
-def read_checkpoint(checkpoint: str, overrides=()):
-    """load_run with the config the checkpoint holds; ValueError (one line) when it cannot be read."""
-    try:
-        return load_run(checkpoint, "", overrides)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from e
 
 
 def check_format(format: str) -> None:
