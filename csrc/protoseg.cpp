@@ -4,8 +4,7 @@
 //
 // Shapes (N pixels, D channels, K classes, M prototypes per class, S segments):
 //   x [N, D], prototypes [K, M, D] (both L2-normalised inside the ops),
-//   labels [N] int64 in [0, K) or negative (ignored),
-//   target [N] int64 in [0, K*M) or == ignore_index.
+//   labels [N] int64 in [0, K) or negative (ignored).
 
 #include <torch/library.h>
 
@@ -19,15 +18,6 @@ TORCH_LIBRARY(protoseg, m) {
       "proto_similarity_backward(Tensor grad_scores, Tensor x, Tensor prototypes, Tensor index) "
       "-> Tensor grad_x");
 
-  // Pixel-prototype contrast (PPC, cross-entropy over all K*M prototypes of <x, p> / temperature)
-  // and distance (PPD, (1 - <x, p_target>)^2), both means over valid pixels.
-  m.def(
-      "proto_contrast_loss(Tensor x, Tensor prototypes, Tensor target, float temperature, "
-      "int ignore_index) -> (Tensor ppc, Tensor ppd)");
-  m.def(
-      "proto_contrast_loss_backward(Tensor grad_ppc, Tensor grad_ppd, Tensor x, Tensor prototypes, "
-      "Tensor target, float temperature, int ignore_index) -> Tensor grad_x");
-
   // The fused training pass: from one pass over the [N, K*M] products (never held whole),
   //   scores [N, K], index [N, K]       per-class max and argmax, as proto_similarity
   //   own [N, M]                        <x_hat_n, p_{labels[n], m}> (0 where labels[n] < 0)
@@ -39,6 +29,8 @@ TORCH_LIBRARY(protoseg, m) {
   // where x_hat = y / max(||y||, 1e-12) and y = LayerNorm_D(x; weight, bias, eps) when weight and
   // bias are given (the classifier's feature norm, fused into the row load), else y = x. The
   // backward returns grad_weight and grad_bias [D] with the LayerNorm ([0] without).
+  // The contrast losses are no op of their own: PPC and PPD of a pixel are lse - own[a] / temperature
+  // and (1 - own[a])^2 for its assigned prototype a (protoseg.ops.contrast_losses, in Python).
   m.def(
       "proto_train(Tensor x, Tensor prototypes, Tensor labels, float temperature, Tensor? weight=None, "
       "Tensor? bias=None, float eps=1e-05) "

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import protoseg.ops  # noqa: F401  (registers the CPU ops)
+import protoseg.ops  # registers the CPU ops
 from protoseg.ops import reference as ref
 from protoseg.ops.segments import compose_sinkhorn
 
@@ -245,42 +245,38 @@ def test_proto_train_layer_norm(chunked, dtype):
         _check(a, b_, c, dtype, name)
 
 
-# ---- proto_contrast_loss ----------------------------------------------------------------------
+# ---- the contrast losses: composed from proto_train's own and lse (ops.contrast_losses) --------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ignore_index", [-100, 4])
-def test_proto_contrast_loss(chunked, dtype, ignore_index):
+def test_contrast_losses_over_the_emulated_pass(chunked, dtype):
+    """PPC/PPD have no kernels of their own: ops.contrast_losses over the emulated proto_train's
+    own and lse, and its gradient through the emulated proto_train_backward, match the reference
+    contrast loss."""
     emu = chunked
     n, d, k, m = 43, 16, 4, 3
     x, p = _inputs(n, d, k, m, dtype, seed=5)
     target = torch.randint(0, k * m, (n,), generator=torch.Generator().manual_seed(6))
-    target[::5] = ignore_index
+    target[::5] = -1
+    labels, assignment = torch.where(target >= 0, target // m, -1), torch.where(target >= 0, target % m, -1)
     emu.set_tile_budget(7 * k * m)
-    ppc, ppd = emu.proto_contrast_loss(x, p, target, 0.1, ignore_index)
-    r64 = ref.proto_contrast_loss(x.double(), p.double(), target, 0.1, ignore_index)
-    rlp = ref.proto_contrast_loss(x, p, target, 0.1, ignore_index)
-    assert ppc.dtype == dtype and ppc.dim() == 0
-    _check(ppc, rlp[0], r64[0], dtype, "ppc")
-    _check(ppd, rlp[1], r64[1], dtype, "ppd")
+    _, index, own, lse, weighted, _, stats = emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
+    own, lse = own.requires_grad_(), lse.requires_grad_()
+    ppc, ppd = protoseg.ops.contrast_losses(own, lse, assignment, 0.1)
+    r64 = ref.proto_contrast_loss(x.double(), p.double(), target, 0.1, -1)
+    rlp = ref.proto_contrast_loss(x, p, target, 0.1, -1)
+    _check(ppc.to(dtype), rlp[0], r64[0], dtype, "ppc")
+    _check(ppd.to(dtype), rlp[1], r64[1], dtype, "ppd")
 
     def loss(xr, pr):
-        a, b = ref.proto_contrast_loss(xr, pr, target, 0.1, ignore_index)
+        a, b = ref.proto_contrast_loss(xr, pr, target, 0.1, -1)
         return 0.7 * a - 1.3 * b
 
-    grad = emu.proto_contrast_loss_backward(torch.tensor(0.7, dtype=torch.float64), torch.tensor(-1.3, dtype=torch.float64), x, p, target, 0.1, ignore_index)
+    g_own, g_lse = torch.autograd.grad(0.7 * ppc - 1.3 * ppd, (own, lse))
+    grad = emu.proto_train_backward(None, g_own, g_lse, x, p, labels, index, weighted, 0.1, None, None, stats)[0]
     g64 = _grad_ref(loss, x, p.double())
     glp = _grad_ref(loss, x.float(), p.float()) if dtype != torch.float64 else g64
     _check(grad, glp, g64, dtype, "grad_x")
-
-
-def test_proto_contrast_loss_all_ignored(emu):
-    x, p = _inputs(20, 8, 3, 2, torch.float32, seed=7)
-    target = torch.full((20,), -1)
-    ppc, ppd = emu.proto_contrast_loss(x, p, target, 0.1, -1)
-    assert ppc.item() == 0 and ppd.item() == 0
-    grad = emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, target, 0.1, -1)
-    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 # ---- sinkhorn -----------------------------------------------------------------------------------
@@ -453,9 +449,6 @@ def test_empty_inputs(emu):
     out = emu.proto_train(x, p, empty, 0.1, w, b, 1e-5)
     grads = emu.proto_train_backward(None, None, None, x, p, empty, i, out[4], 0.1, w, b, out[6])
     assert [t.shape for t in grads] == [(0, d), (d,), (d,)] and (grads[1] == 0).all()
-    ppc, ppd = emu.proto_contrast_loss(x, p, empty, 0.1, -1)
-    assert ppc.item() == 0 and ppd.item() == 0
-    assert emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, empty, 0.1, -1).shape == (0, d)
     q, a = emu.sinkhorn(torch.zeros(0, m), empty, k, 3, 0.05)
     assert q.shape == (0, m) and a.shape == (0,)
     mean, count = emu.scatter_mean(x, empty, 4)
@@ -471,10 +464,6 @@ def test_out_of_range_raises(emu):
         emu.proto_train(x, p, labels, 0.1, None, None, 1e-5)
     with pytest.raises(RuntimeError, match=r"labels\[517\] = 3 is out of range"):
         emu.sinkhorn(torch.rand(600, 2), labels, 3, 3, 0.05)
-    target = torch.zeros(600, dtype=torch.int64)
-    target[300] = -5
-    with pytest.raises(RuntimeError, match=r"target\[300\] = -5 is out of range.*ignore_index = -1"):
-        emu.proto_contrast_loss(x, p, target, 0.1, -1)
     index = torch.zeros(600, 3, dtype=torch.int64)
     index[599, 2] = 2
     with pytest.raises(RuntimeError, match=r"index\[1799\] = 2 is out of range"):
@@ -500,8 +489,6 @@ def _device_cases():
         "proto_train": (x, p, labels, 0.1, None, None, 1e-5),
         "proto_train_backward": (x, torch.ones(40, 3), None, None, p, labels, index, weighted, 0.1, None, None,
                                  stats),
-        "proto_contrast_loss": (x, p, labels, 0.1, -1),
-        "proto_contrast_loss_backward": (x, torch.ones(()), torch.ones(()), p, labels, 0.1, -1),
         "sinkhorn": (torch.rand(40, 2), labels, 3, 3, 0.05),
         "scatter_mean": (x, labels, 3),
         "scatter_mean_backward": (torch.ones(3, 8), labels, torch.ones(3, dtype=torch.int64)),
@@ -516,9 +503,6 @@ def _call(emu, name, args):
     if name == "proto_train_backward":
         x, gs, go, gl, *rest = args
         return emu.proto_train_backward(gs, go, gl, x, *rest)
-    if name == "proto_contrast_loss_backward":
-        x, gc, gd, *rest = args
-        return emu.proto_contrast_loss_backward(gc, gd, x, *rest)
     return getattr(emu, name)(*args)
 
 
@@ -653,10 +637,6 @@ def test_larger_grids(emu):
         r = ref.proto_train(x, p, labels, 0.1)
         torch.testing.assert_close(out[3], r[3])
         torch.testing.assert_close(out[4], r[4])
-        target = torch.where(labels >= 0, labels * m, -1)
-        ppc, _ = emu.proto_contrast_loss(x, p, target, 0.1, -1)
-        torch.testing.assert_close(ppc, ref.proto_contrast_loss(x, p, target, 0.1, -1)[0])
-        emu.proto_contrast_loss_backward(torch.tensor(1.0), torch.tensor(1.0), x, p, target, 0.1, -1)
         q, a = emu.sinkhorn(out[2], labels, k, 3, 0.05)
         assert torch.equal(a, ref.sinkhorn(out[2], labels, k, 3, 0.05)[1])
     finally:
@@ -668,8 +648,7 @@ EXPECTED_KERNELS = [
     "GradTileParams<float>",
     "RangeCheckParams", "SegmentKeysParams", "SegmentOffsetsParams", "SegmentReduceParams<double>",
     "SegmentReduceParams<float>", "SinkhornInitParams<float>", "SinkhornScaleParams", "SinkhornStepParams",
-    "SinkhornFinishParams", "ContrastPartialsParams<float>", "ContrastFinalizeParams<float>",
-    "ContrastCoefParams<float>", "ScatterMeanParams<float>", "ScatterMeanBackwardParams<float>",
+    "SinkhornFinishParams", "ScatterMeanParams<float>", "ScatterMeanBackwardParams<float>",
 ]
 
 
@@ -678,7 +657,6 @@ def test_every_kernel_ran_on_several_blocks(emu):
     stats = {name.replace("protoseg::cuda::", ""): v for name, v in emu.launch_stats().items()}
     for kernel in EXPECTED_KERNELS:
         assert kernel in stats, f"{kernel} never ran under the executor"
-        if kernel not in ("ContrastFinalizeParams<float>",):  # a single-thread finaliser by design
-            assert stats[kernel][1] > 1, f"{kernel} only ever ran on one block"
+        assert stats[kernel][1] > 1, f"{kernel} only ever ran on one block"
     for dtype in ("double", "c10::Half", "c10::BFloat16"):
         assert f"EpilogueParams<{dtype}>" in stats and f"GradParams<{dtype}>" in stats

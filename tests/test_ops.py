@@ -616,7 +616,7 @@ def op_calls(s: Sample):
     k, m = s.case.k, s.case.m
     x = s.x.detach()
     xg = x.clone().requires_grad_(True)
-    tau, ign = 0.1, s.case.ignore_index
+    tau = 0.1
     index = torch.where(s.labels >= 0, s.target, -1)
     scores, sim_index = ops.proto_similarity(x, s.prototypes)
     tp = ops.proto_train(x, s.prototypes, s.labels, tau)
@@ -626,7 +626,6 @@ def op_calls(s: Sample):
     def randn_like(t):
         return torch.randn(t.shape, generator=gen).to(t.dtype)
 
-    grad_scalar = torch.tensor(0.3, dtype=x.dtype)
     w, b = _layer_norm_affine(x.shape[1], x.dtype)
     _, stats = P.layer_norm_normalize(x, w, b, 1e-5)
     tp_ln = ops.proto_train(x, s.prototypes, s.labels, tau, w, b)
@@ -639,7 +638,6 @@ def op_calls(s: Sample):
         (P.layer_norm_normalize.default, (xg, w.requires_grad_(True), b, 1e-5)),
         (P.layer_norm_normalize_backward.default, (randn_like(x), x, w.detach(), b, stats)),
         (P.proto_similarity.default, (xg, s.prototypes)),
-        (P.proto_contrast_loss.default, (xg, s.prototypes, s.target, tau, ign)),
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau)),
         (P.proto_train.default, (xg, s.prototypes, s.labels, tau, w.requires_grad_(True), b, 1e-5)),
         (P.sinkhorn.default, (s.scores, s.labels, k, 3, 0.05)),
@@ -652,8 +650,6 @@ def op_calls(s: Sample):
         (P.sinkhorn_finish.default, (plan, s.labels, counts)),
         (P.scatter_mean.default, (xg, index, k * m)),
         (P.proto_similarity_backward.default, (randn_like(scores), x, s.prototypes, sim_index)),
-        (P.proto_contrast_loss_backward.default, (grad_scalar, 2 * grad_scalar, x, s.prototypes, s.target,
-                                                  tau, ign)),
         (P.proto_train_backward.default, (randn_like(scores), randn_like(tp.own), randn_like(tp.lse),
                                           x, s.prototypes, s.labels, tp.index, tp.weighted, tau,
                                           None, None, tp.stats)),
@@ -817,7 +813,6 @@ def _mixed_device_calls(device):
     same = "must be on the same device as"
     return {
         "prototypes": (P.proto_similarity.default, (x, p.to(device)), f"prototypes {same} x"),
-        "target": (P.proto_contrast_loss.default, (x, p, lab.to(device), 0.1, -1), f"target {same} x"),
         "labels": (P.proto_train.default, (x, p, lab.to(device), 0.1), f"labels {same} x"),
         "sinkhorn labels": (P.sinkhorn.default, (torch.rand(6, 2), lab.to(device), 3, 3, 0.05),
                             f"labels {same} scores"),
@@ -954,13 +949,14 @@ def test_autocast_runs_the_pixel_ops_in_the_dtype_of_x(x_dtype):
     g = torch.Generator().manual_seed(5)
     w, b = 1 + 0.3 * torch.randn(s.x.shape[1], generator=g), 0.3 * torch.randn(s.x.shape[1], generator=g)
     target = torch.where(s.labels >= 0, s.labels * s.prototypes.shape[1], torch.full_like(s.labels, -1))
-    calls = {
-        "proto_similarity.default": lambda x, p, w, b: ops.proto_similarity(x, p)[0],
-        "proto_contrast_loss.default": lambda x, p, w, b: sum(ops.proto_contrast_loss(x, p, target, 0.1, -1)),
-        "proto_train.default": lambda x, p, w, b: ops.proto_train(x, p, s.labels, 0.1, w, b).lse.sum(),
-        "layer_norm_normalize.default": lambda x, p, w, b: ops.layer_norm_normalize(x, w, b),
-    }
-    for name, call in calls.items():
+    calls = [  # (the protoseg op the call dispatches, whether it takes w and b, the call)
+        ("proto_similarity.default", False, lambda x, p, w, b: ops.proto_similarity(x, p)[0]),
+        # the contrast losses are composed from proto_train
+        ("proto_train.default", False, lambda x, p, w, b: sum(ops.proto_contrast_loss(x, p, target, 0.1, -1))),
+        ("proto_train.default", True, lambda x, p, w, b: ops.proto_train(x, p, s.labels, 0.1, w, b).lse.sum()),
+        ("layer_norm_normalize.default", True, lambda x, p, w, b: ops.layer_norm_normalize(x, w, b)),
+    ]
+    for name, affine, call in calls:
         wa, ba = w.clone().requires_grad_(), b.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16), _RecordDtypes() as rec:
             out = call(x, s.prototypes, wa, ba)
@@ -968,7 +964,7 @@ def test_autocast_runs_the_pixel_ops_in_the_dtype_of_x(x_dtype):
         we, be = w.clone().requires_grad_(), b.clone().requires_grad_()
         expected = call(x, s.prototypes.to(x_dtype), we.to(x_dtype), be.to(x_dtype))
         assert out.dtype == expected.dtype and torch.equal(out, expected), name
-        if name in ("proto_train.default", "layer_norm_normalize.default"):
+        if affine:
             out.float().sum().backward()
             expected.float().sum().backward()
             assert wa.grad.dtype == torch.float32 and torch.equal(wa.grad, we.grad), name

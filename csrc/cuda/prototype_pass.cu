@@ -1,5 +1,5 @@
-// The chunked pixel x prototype pass and the gradient assembly, shared by proto_similarity,
-// proto_train and proto_contrast_loss: their kernels are instantiated once, here, together with
+// The chunked pixel x prototype pass and the gradient assembly, shared by proto_similarity
+// and proto_train: their kernels are instantiated once, here, together with
 // the host functions that launch them; the ops' translation units see only their declarations
 // (cuda_exec.cuh).
 #include "cuda/prototype_pass.cuh"

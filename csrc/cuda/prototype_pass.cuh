@@ -1,4 +1,4 @@
-// The chunked pixel x prototype pass (proto_similarity, proto_contrast_loss, proto_train) and
+// The chunked pixel x prototype pass (proto_similarity, proto_train) and
 // the gradient assembly their backward ops share: kernels, then (host side) their launch costs
 // and the host functions the ops' launch sequences call.
 //

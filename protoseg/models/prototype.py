@@ -169,11 +169,7 @@ class PrototypeClassifier(nn.Module):
                 out.own.detach(), labels, self.num_classes, self.sinkhorn_iterations, self.sinkhorn_epsilon
             )
         valid = labels >= 0
-        own_target = out.own.gather(1, assignment.clamp(min=0).unsqueeze(1)).squeeze(1)
-        n_valid = valid.sum().clamp(min=1)
-        zero = own_target.new_zeros(())
-        ppc = torch.where(valid, out.lse - own_target / self.temperature, zero).sum() / n_valid
-        ppd = torch.where(valid, (1 - own_target).pow(2), zero).sum() / n_valid
+        ppc, ppd = ops.contrast_losses(out.own, out.lse, assignment, self.temperature)
         with torch.no_grad():
             update_with = self._gumbel_assignment(q, valid) if self.update_assignment == "gumbel" else assignment
             pred = logits.argmax(dim=1)

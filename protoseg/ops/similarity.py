@@ -1,7 +1,8 @@
-"""Pixel-prototype similarity ops: proto_similarity, proto_contrast_loss and the fused
-training pass proto_train. Shapes: N pixels, D channels, K classes, M prototypes per class.
+"""Pixel-prototype similarity ops: proto_similarity and the fused training pass proto_train,
+and the contrast losses composed from proto_train's outputs (contrast_losses,
+proto_contrast_loss). Shapes: N pixels, D channels, K classes, M prototypes per class.
 
-All three L2-normalise x and the prototypes inside (eps 1e-12, as F.normalize), accumulate in
+All of them L2-normalise x and the prototypes inside (eps 1e-12, as F.normalize), accumulate in
 float32 (float64 for float64 inputs), never hold the [N, K*M] products whole, and are
 differentiable in x only: prototypes are a moving-average buffer, never learned by gradient.
 """
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from protoseg.ops._registration import (
     autocast_to_x_dtype,
@@ -24,7 +26,7 @@ from protoseg.ops._registration import (
 )
 from protoseg.ops.reference import acc_dtype
 
-__all__ = ["TrainPass", "proto_contrast_loss", "proto_similarity", "proto_train"]  # protoseg.ops re-exports these
+__all__ = ["TrainPass", "contrast_losses", "proto_contrast_loss", "proto_similarity", "proto_train"]  # protoseg.ops re-exports these
 
 _ops = torch.ops.protoseg
 
@@ -43,28 +45,6 @@ def proto_similarity(x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
     Deterministic. Differentiable in x (the backward gathers each row's winning prototypes).
     """
     return _ops.proto_similarity(x, prototypes)
-
-
-def proto_contrast_loss(
-    x: Tensor, prototypes: Tensor, target: Tensor, temperature: float = 0.1, ignore_index: int = -1
-) -> tuple[Tensor, Tensor]:
-    """Pixel-prototype contrast (PPC) and distance (PPD) losses.
-
-    Args:
-        x: [N, D] pixel embeddings; prototypes: [K, M, D] (same dtype and device).
-        target: [N] int64, each in [0, K*M) (index into the flattened prototypes) or equal to
-            ignore_index; any other value raises.
-        temperature: PPC logits are cos / temperature (paper 0.1; the released code used 1).
-
-    Returns:
-        ppc: scalar, mean over valid pixels of cross-entropy over all K*M prototypes.
-        ppd: scalar, mean over valid pixels of (1 - cos(x_n, p_target))^2.
-        Both 0 with zero gradient when no pixel is valid. dtype of x.
-
-    Differentiable in x. The backward recomputes the products (two GEMMs); training should use
-    :func:`proto_train`, whose single pass already holds what the gradient needs.
-    """
-    return _ops.proto_contrast_loss(x, prototypes, target, float(temperature), int(ignore_index))
 
 
 class TrainPass(NamedTuple):
@@ -100,13 +80,96 @@ def proto_train(
             :func:`layer_norm_normalize` of x).
 
     Returns a :class:`TrainPass`. ``scores``, ``own`` and ``lse`` are differentiable in x (and in
-    weight and bias); the contrast losses follow from them without touching the products again:
-    ``ppc_n = lse_n - own[n, a_n] / temperature`` and ``ppd_n = (1 - own[n, a_n])^2`` for the
-    pixel's assigned prototype a_n. ``x_hat`` carries no gradient (it is what the prototype update
+    weight and bias); the contrast losses follow from them without touching the products again
+    (:func:`contrast_losses`). ``x_hat`` carries no gradient (it is what the prototype update
     averages). Two GEMMs forward (products, softmax @ prototypes), none backward. Deterministic
     for a fixed thread count.
     """
     return TrainPass(*_ops.proto_train(x, prototypes, labels, float(temperature), weight, bias, float(eps)))
+
+
+def contrast_losses(own: Tensor, lse: Tensor, assignment: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """PPC and PPD from :func:`proto_train`'s outputs: the one place their formula is written.
+
+    Args:
+        own: [N, M] and lse: [N], as :class:`TrainPass` (the pass run with this temperature).
+        assignment: [N] int64, each pixel's prototype a_n in [0, M) within its own class (the
+            class proto_train was given as its label), negative for pixels that take no part.
+        temperature: the temperature proto_train's ``lse`` was taken at.
+
+    Returns:
+        ppc: scalar, mean over valid pixels of ``lse_n - own[n, a_n] / temperature``, the
+            cross-entropy over all K*M prototypes of cos / temperature with target (label, a_n).
+        ppd: scalar, mean over valid pixels of ``(1 - own[n, a_n])^2``.
+        Both in the dtype of ``own`` (float32/64), 0 with zero gradient when no pixel is valid.
+
+    Differentiable through own and lse, so through proto_train's backward (no GEMM).
+    """
+    valid = assignment >= 0
+    own_target = own.gather(1, assignment.clamp(min=0).unsqueeze(1)).squeeze(1)
+    n_valid = valid.sum().clamp(min=1)
+    zero = own_target.new_zeros(())
+    ppc = torch.where(valid, lse - own_target / temperature, zero).sum() / n_valid
+    ppd = torch.where(valid, (1 - own_target).pow(2), zero).sum() / n_valid
+    return ppc, ppd
+
+
+def _check_target_values(target: Tensor, num_targets: int, ignore_index: int) -> None:
+    """Every target in [0, K*M) or == ignore_index, read on the host as the kernels' range checks
+    are (one synchronisation on CUDA). Traced or fake tensors have no values to read: there
+    proto_contrast_loss sends a bad target to a label proto_train's own check rejects."""
+    if torch.compiler.is_compiling() or target.device.type == "meta" or is_fake(target):
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_targets))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RuntimeError(
+            f"target[{i}] = {int(target[i])} is out of range: expected a value in [0, K*M = {num_targets}) "
+            f"or ignore_index = {ignore_index}"
+        )
+
+
+def proto_contrast_loss(
+    x: Tensor, prototypes: Tensor, target: Tensor, temperature: float = 0.1, ignore_index: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Pixel-prototype contrast (PPC) and distance (PPD) losses, composed: :func:`proto_train`
+    (without LayerNorm: x is only L2-normalised) with labels ``target // M``, then
+    :func:`contrast_losses` with assignment ``target % M``.
+
+    Args:
+        x: [N, D] pixel embeddings; prototypes: [K, M, D] (same dtype and device).
+        target: [N] int64, each in [0, K*M) (index into the flattened prototypes) or equal to
+            ignore_index; any other value raises (eagerly naming target; under torch.compile
+            proto_train's check raises, naming labels).
+        temperature: PPC logits are cos / temperature (paper 0.1; the released code used 1).
+
+    Returns:
+        ppc: scalar, mean over valid pixels of cross-entropy over all K*M prototypes.
+        ppd: scalar, mean over valid pixels of (1 - cos(x_n, p_target))^2.
+        Both 0 with zero gradient when no pixel is valid. dtype of x.
+
+    Differentiable in x. Costs proto_train's two GEMMs forward and none backward; a training
+    step that already runs proto_train should call :func:`contrast_losses` on its outputs.
+    """
+    # What the composition itself reads; proto_train checks the rest (prototypes' D, dtype and
+    # device, after autocast has cast them).
+    check_embeddings(x)
+    check(prototypes.dim() == 3, f"prototypes must be [K, M, D] with D == x.size(1) (got {list(prototypes.shape)} "
+          f"and x {list(x.shape)})")
+    check(prototypes.shape[0] > 0 and prototypes.shape[1] > 0,
+          f"prototypes must have at least one class and one prototype per class (got {list(prototypes.shape)})")
+    check_index_vector(target, "target", x)
+    check_positive(temperature, "temperature")
+    k, m = prototypes.shape[0], prototypes.shape[1]
+    _check_target_values(target, k * m, ignore_index)
+    ignored = target == ignore_index
+    # A negative target that is not ignore_index becomes label K, and one >= K*M a label >= K:
+    # proto_train's range check rejects both wherever the check above could not run.
+    labels = torch.where(ignored, -1, torch.where(target < 0, k, target.div(m, rounding_mode="floor")))
+    assignment = torch.where(ignored, -1, target.remainder(m))
+    out = proto_train(x, prototypes, labels, temperature)
+    ppc, ppd = contrast_losses(out.own, out.lse, assignment, temperature)
+    return ppc.to(x.dtype), ppd.to(x.dtype)
 
 
 # ---- autograd: thin glue around the backward ops ---------------------------------------------
@@ -129,28 +192,6 @@ def _similarity_backward(ctx, grad_scores, _grad_index):
 
 torch.library.register_autograd(
     "protoseg::proto_similarity", _similarity_backward, setup_context=_similarity_setup
-)
-
-
-def _contrast_setup(ctx, inputs, output):
-    x, prototypes, target, temperature, ignore_index = inputs
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(x, prototypes, target)
-
-
-def _contrast_backward(ctx, grad_ppc, grad_ppd):
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    x, prototypes, target = ctx.saved_tensors
-    grad_x = _ops.proto_contrast_loss_backward(
-        grad_ppc, grad_ppd, x, prototypes, target, ctx.temperature, ctx.ignore_index
-    )
-    return grad_x, None, None, None, None
-
-
-torch.library.register_autograd(
-    "protoseg::proto_contrast_loss", _contrast_backward, setup_context=_contrast_setup
 )
 
 
@@ -189,9 +230,9 @@ def _train_backward(ctx, grad_scores, _grad_index, grad_own, grad_lse, _grad_wei
 
 torch.library.register_autograd("protoseg::proto_train", _train_backward, setup_context=_train_setup)
 
-for _name in ("proto_similarity", "proto_contrast_loss", "proto_train"):
+for _name in ("proto_similarity", "proto_train"):
     autocast_to_x_dtype(f"protoseg::{_name}")
-for _name in ("proto_similarity_backward", "proto_contrast_loss_backward", "proto_train_backward"):
+for _name in ("proto_similarity_backward", "proto_train_backward"):
     forbid_double_backward(f"protoseg::{_name}")
 
 
@@ -208,22 +249,6 @@ def _(x, prototypes):
 @torch.library.register_fake("protoseg::proto_similarity_backward")
 def _(grad_scores, x, prototypes, index):
     check_embeddings(x, prototypes)
-    return x.new_empty(x.shape)
-
-
-@torch.library.register_fake("protoseg::proto_contrast_loss")
-def _(x, prototypes, target, temperature, ignore_index):
-    check_embeddings(x, prototypes)
-    check_index_vector(target, "target", x)
-    check_positive(temperature, "temperature")
-    return x.new_empty(()), x.new_empty(())
-
-
-@torch.library.register_fake("protoseg::proto_contrast_loss_backward")
-def _(grad_ppc, grad_ppd, x, prototypes, target, temperature, ignore_index):
-    check_embeddings(x, prototypes)
-    check_index_vector(target, "target", x)
-    check_positive(temperature, "temperature")
     return x.new_empty(x.shape)
 
 

@@ -8,7 +8,6 @@
 
 #include <cstdio>
 
-#include "cuda/proto_contrast_loss.cuh"
 #include "cuda/proto_similarity.cuh"
 #include "cuda/proto_train.cuh"
 #include "cuda/scatter_mean.cuh"
@@ -36,9 +35,6 @@ int main() {
   auto [s5, i5, own5, lse5, weighted5, x_hat5, stats5] = pc::proto_train<Exec>(x, p, labels, 0.1, weight, bias, 1e-5);
   auto [gx5, gw5, gb5] = pc::proto_train_backward<Exec>(at::randn({n, k}), at::randn({n, m}), at::randn({n}), x, p,
                                                   labels, i5, weighted5, 0.1, weight, bias, stats5);
-  auto target = at::where(labels >= 0, labels * m, at::full_like(labels, -1));
-  auto [ppc, ppd] = pc::proto_contrast_loss<Exec>(x, p, target, 0.1, -1);
-  auto gx3 = pc::proto_contrast_loss_backward<Exec>(at::ones({}), at::ones({}), x, p, target, 0.1, -1);
   auto [q, assignment] = pc::sinkhorn<Exec>(own, labels, k, 3, 0.05);
   // The distributed caller's steps of sinkhorn (csrc/protoseg.cpp), composed in one process.
   auto [perm, offsets] = pc::sinkhorn_segments<Exec>(labels, k);
@@ -53,8 +49,8 @@ int main() {
 
   // Small sanity checks (the numerics are tested in tests/test_emulated.py).
   const bool ok = at::allclose(s2, scores) && at::equal(i2, index) && gx1.isfinite().all().item<bool>() &&
-                  gx2.isfinite().all().item<bool>() && gx3.isfinite().all().item<bool>() &&
-                  ppc.isfinite().item<bool>() && (assignment >= -1).all().item<bool>() &&
+                  gx2.isfinite().all().item<bool>() && lse.isfinite().all().item<bool>() &&
+                  (assignment >= -1).all().item<bool>() &&
                   count.sum().item<int64_t>() == (labels >= 0).sum().item<int64_t>() &&
                   at::equal(q_steps, q) && at::equal(assignment_steps, assignment) &&
                   gx4.isfinite().all().item<bool>() && mean.isfinite().all().item<bool>() &&
