@@ -90,14 +90,14 @@ def score_maps(model: nn.Module, images: Tensor, names, fit: dict | None = None)
         logits = model(images)["logits"]
         return torch.cat([logits] + [s.unsqueeze(1).to(logits.dtype) for s in logit_scores(logits, names)], dim=1)
     maps = model.embed(images)
-    logits = F.interpolate(maps["logits"], size=size, mode="bilinear", align_corners=model.align_corners)
+    logits = model.upsample(maps["logits"], size)
     classifier = model.classifier
     named = {}
     wanted = [n for n in names if n in PROTOTYPE_SCORES]
     if wanted:
         prototypes = F.normalize(classifier.prototypes, dim=-1)
         low = torch.stack(prototype_scores(maps["embedding"], prototypes, classifier.temperature, wanted, fit), 1)
-        low = F.interpolate(low, size=size, mode="bilinear", align_corners=model.align_corners)
+        low = model.upsample(low, size)
         named.update(zip(wanted, low.unbind(1)))
     wanted = [n for n in names if n in LOGIT_SCORES]
     named.update(zip(wanted, logit_scores(logits, wanted)))

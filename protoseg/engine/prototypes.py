@@ -19,7 +19,7 @@ from torch import Tensor
 
 from protoseg.engine.anomaly import vmf_concentration, vmf_log_normalizer
 from protoseg.engine.predict import autocast, eval_batches, pad_to_multiple, size_divisor
-from protoseg.models.head import downsample_labels
+from protoseg.models.head import downsample_labels, to_pixels
 from protoseg.models.prototype import usage_buckets, usage_counts
 
 
@@ -97,11 +97,6 @@ def _labelled_features(model, loader, device: torch.device, amp: str):
         yield out, feature_labels(labels, out["logits"].shape[-2:], model.classifier.num_classes, model.ignore_index)
 
 
-def _flat(out: dict, key: str) -> Tensor:
-    """[B, C, h, w] map -> [B * h * w, C]."""
-    return out[key].movedim(1, -1).reshape(-1, out[key].shape[1])
-
-
 @torch.no_grad()
 def val_usage(model, loader, device: torch.device, amp: str = "none") -> Tensor:
     """[K, M] int64: over the images of `loader` (whole, one scale) and summed over ranks, the
@@ -110,7 +105,7 @@ def val_usage(model, loader, device: torch.device, amp: str = "none") -> Tensor:
     classifier = model.classifier
     counts = torch.zeros(classifier.num_classes, classifier.num_prototypes, dtype=torch.int64, device=device)
     for out, y in _labelled_features(model, loader, device, amp):
-        counts += usage_counts(_flat(out, "nearest"), out["logits"].argmax(1).view(-1), y.view(-1),
+        counts += usage_counts(to_pixels(out["nearest"]), out["logits"].argmax(1).view(-1), y.view(-1),
                                classifier.num_prototypes)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -132,9 +127,9 @@ def fit_vmf(model, loader, device: torch.device, amp: str = "none") -> dict:
     cosine_sum = torch.zeros(k * m + 1, dtype=torch.float64, device=device)
     for out, y in _labelled_features(model, loader, device, amp):
         y = y.view(-1)
-        bucket = usage_buckets(_flat(out, "nearest"), out["logits"].argmax(1).view(-1), y, m)
+        bucket = usage_buckets(to_pixels(out["nearest"]), out["logits"].argmax(1).view(-1), y, m)
         # A correctly classified pixel's best cosine in its class is its cosine to that prototype.
-        cosine = _flat(out, "similarity").gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+        cosine = to_pixels(out["similarity"]).gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
         count.index_add_(0, bucket, torch.ones_like(cosine, dtype=torch.float64))
         cosine_sum.index_add_(0, bucket, cosine.double())
     if dist.is_available() and dist.is_initialized():

@@ -40,15 +40,15 @@ class Segmentor(nn.Module):
         size = images.shape[-2:]
         if not self.uses_prototypes:
             logits = self.classifier(self.decoder(self.backbone(images)))
-            return {"logits": self._upsample(logits, size)}
+            return {"logits": self.upsample(logits, size)}
         if not (self.training and labels is not None):
             maps = self.embed(images)
             score = 1 - maps["similarity"].amax(dim=1, keepdim=True)
-            return {"logits": self._upsample(maps["logits"], size),
-                    "open_set_score": self._upsample(score, size)}
+            return {"logits": self.upsample(maps["logits"], size),
+                    "open_set_score": self.upsample(score, size)}
         e = self.projection(self.decoder(self.backbone(images)))
         logits, ppc, ppd = train_classifier(self.classifier, e, labels)
-        return {"logits": self._upsample(logits, size), "ppc": ppc, "ppd": ppd}
+        return {"logits": self.upsample(logits, size), "ppc": ppc, "ppd": ppd}
 
     def embed(self, images: Tensor) -> dict[str, Tensor]:
         """Inference of the prototype classifier at feature resolution [h, w], every map
@@ -59,7 +59,8 @@ class Segmentor(nn.Module):
             raise ValueError("embed needs model.classifier = prototype (this model is a softmax classifier)")
         return classify(self.classifier, self.projection(self.decoder(self.backbone(images))))
 
-    def _upsample(self, x: Tensor, size) -> Tensor:
+    def upsample(self, x: Tensor, size) -> Tensor:
+        """Maps [B, C, h, w] at feature resolution -> [B, C, *size], as the logits are resized."""
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
