@@ -132,8 +132,8 @@ def test_proto_similarity(chunked, dtype):
     assert grad.dtype == dtype and grad.shape == (n, d)
 
     def loss(xr, pr, gr, idx):
-        xh = torch.nn.functional.normalize(xr, dim=1, eps=1e-12)
-        ph = torch.nn.functional.normalize(pr, dim=2, eps=1e-12)
+        xh = torch.nn.functional.normalize(xr, dim=1, eps=ref.NORM_EPS)
+        ph = torch.nn.functional.normalize(pr, dim=2, eps=ref.NORM_EPS)
         sel = ph[torch.arange(k)[None, :], idx]  # [n, k, d] the winning prototypes
         return (gr[..., None] * xh[:, None, :] * sel).sum()
 
@@ -177,8 +177,8 @@ def test_proto_train(chunked, dtype, temperature):
     index = out[1]
 
     def loss(xr, use_s, use_o, use_l):
-        xh = torch.nn.functional.normalize(xr, dim=1, eps=1e-12)
-        ph = torch.nn.functional.normalize(p.double(), dim=2, eps=1e-12)
+        xh = torch.nn.functional.normalize(xr, dim=1, eps=ref.NORM_EPS)
+        ph = torch.nn.functional.normalize(p.double(), dim=2, eps=ref.NORM_EPS)
         sim = (xh @ ph.reshape(k * m, d).t()).view(n, k, m)
         total = xr.sum() * 0
         if use_s:
@@ -233,7 +233,7 @@ def test_proto_train_layer_norm(chunked, dtype):
         # Through our argmax (a near-tie may go the other way in another precision).
         leaves = [t.detach().clone().requires_grad_(True) for t in (xr, wr, br)]
         rows = ref._layer_norm_rows(*leaves, 1e-5)
-        ph = torch.nn.functional.normalize(p.to(rows.dtype), dim=2, eps=1e-12).reshape(k * m, d)
+        ph = torch.nn.functional.normalize(p.to(rows.dtype), dim=2, eps=ref.NORM_EPS).reshape(k * m, d)
         sim = rows @ ph.t()
         scores = sim.view(n, k, m).gather(2, index[..., None])[..., 0]
         lse = torch.logsumexp(sim / 0.1, dim=1)

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "norm_eps.h"
+
 namespace protoseg {
 namespace cpu {
 
@@ -114,10 +116,10 @@ inline std::tuple<at::Tensor, at::Tensor> sum_norm_partials(const at::Tensor& pa
   return {grad_weight.to(out), grad_bias.to(out)};
 }
 
-// p_hat = prototypes / max(||p||, eps) as a contiguous [K*M, D] tensor of the accumulation type.
+// p_hat = prototypes / max(||p||, kNormEps) as a contiguous [K*M, D] tensor of the accumulation type.
 inline at::Tensor normalized_prototypes(const at::Tensor& prototypes, at::ScalarType acc) {
   auto p = prototypes.reshape({-1, prototypes.size(2)}).to(acc);
-  return (p / p.norm(2, {1}, /*keepdim=*/true).clamp_min(1e-12)).contiguous();
+  return (p / p.norm(2, {1}, /*keepdim=*/true).clamp_min(kNormEps)).contiguous();
 }
 
 }  // namespace cpu
