@@ -47,8 +47,6 @@ struct PassArgs {
   int64_t* index = nullptr;          // [N, K] argmax, ties to the smallest m
   const int64_t* labels = nullptr;   // [N], for `own`
   void* own = nullptr;               // [N, M] acc_t: the row's own-class products (0 if labels[n] < 0)
-  const int64_t* target = nullptr;   // [N], for `target_logit`; entries outside [0, K*M) skipped
-  void* target_logit = nullptr;      // [N] acc_t: S[n, target[n]]
   void* lse = nullptr;               // [N] acc_t: logsumexp_j S[n, j] / temperature
   void* weighted = nullptr;          // [N, D] acc_t: sum_j softmax_j(S[n] / temperature) p_hat_j (needs lse)
   double temperature = 1.0;
@@ -60,7 +58,6 @@ struct PassArgs {
 //                 + sum_k grad_scores[n,k] p_hat[k*M + index[n,k]]
 //                 + sum_m grad_own[n,m] p_hat[labels[n]*M + m]          (labels[n] >= 0)
 //                 + grad_lse[n] / temperature * weighted[n]
-//                 + coef_target[n] p_hat[target[n]]                     (target in range)
 struct GradArgs {
   at::Tensor x;
   at::Tensor p_hat;                  // may be undefined when only grad_out is given
@@ -74,8 +71,6 @@ struct GradArgs {
   const int64_t* labels = nullptr;   // [N]
   const void* grad_lse = nullptr;    // [N] acc_t
   const void* weighted = nullptr;    // [N, D] acc_t contiguous
-  const void* coef_target = nullptr; // [N] acc_t
-  const int64_t* target = nullptr;   // [N]
   double temperature = 1.0;
   void* grad_x = nullptr;            // [N, D] scalar_t contiguous
   // [grad_blocks(N), 2, D] acc_t with norm.weight: per block of kGradBlockRows rows, the sums of

@@ -126,7 +126,6 @@ void pass_impl(const PassArgs& a) {
   auto* stats = static_cast<acc_t*>(a.stats);
   auto* scores = static_cast<scalar_t*>(a.scores);
   auto* own = static_cast<acc_t*>(a.own);
-  auto* target_logit = static_cast<acc_t*>(a.target_logit);
   auto* lse = static_cast<acc_t*>(a.lse);
   auto* weighted = static_cast<acc_t*>(a.weighted);
   const acc_t inv_tau = static_cast<acc_t>(1.0 / a.temperature);
@@ -175,10 +174,6 @@ void pass_impl(const PassArgs& a) {
           } else {
             std::fill(o, o + m_protos, acc_t(0));
           }
-        }
-        if (target_logit) {
-          const int64_t t = a.target[n];
-          target_logit[n] = (t >= 0 && t < km) ? s[t] : acc_t(0);
         }
         if (lse) {
           const acc_t mx = row_max(s, km);
@@ -311,7 +306,7 @@ template <typename scalar_t, typename acc_t>
 void grad_impl(const GradArgs& a) {
   const int64_t n_total = a.x.size(0), d = a.x.size(1);
   if (n_total == 0) return;
-  const int64_t k_classes = a.num_classes, m_protos = a.num_prototypes, km = k_classes * m_protos;
+  const int64_t k_classes = a.num_classes, m_protos = a.num_prototypes;
   const scalar_t* x_ptr = a.x.data_ptr<scalar_t>();
   const int64_t sx0 = a.x.stride(0), sx1 = a.x.stride(1);
   const acc_t* p = a.p_hat.defined() ? a.p_hat.data_ptr<acc_t>() : nullptr;
@@ -322,7 +317,6 @@ void grad_impl(const GradArgs& a) {
   const auto* grad_own = static_cast<const acc_t*>(a.grad_own);
   const auto* grad_lse = static_cast<const acc_t*>(a.grad_lse);
   const auto* weighted = static_cast<const acc_t*>(a.weighted);
-  const auto* coef_target = static_cast<const acc_t*>(a.coef_target);
   auto* gx = static_cast<scalar_t*>(a.grad_x);
   auto* partial = static_cast<acc_t*>(a.norm_partial);
   const acc_t inv_tau = static_cast<acc_t>(1.0 / a.temperature);
@@ -354,10 +348,6 @@ void grad_impl(const GradArgs& a) {
           }
         }
         if (grad_lse && grad_lse[n] != acc_t(0)) axpy(g, grad_lse[n] * inv_tau, weighted + n * d, d);
-        if (coef_target) {
-          const int64_t tg = a.target[n];
-          if (tg >= 0 && tg < km && coef_target[n] != acc_t(0)) axpy(g, coef_target[n], p + tg * d, d);
-        }
         scalar_t* out = gx + n * d;
         // Through x_hat = y / max(||y||, eps) (t holds x_hat), then for LayerNorm through
         // y = z * weight + bias, z = (x - mean) * rstd.

@@ -211,8 +211,13 @@ void check_range_device(Exec& ex, const at::Tensor& v, int64_t upper, const char
   const int64_t n = v.numel();
   if (n == 0) return;
   auto first_bad = at::full({1}, n, v.options());
-  RangeCheckParams p{v.data_ptr<int64_t>(), n, upper, allow_negative, has_ignore, ignore,
-                     reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>())};
+  RangeCheckParams p{.values = v.data_ptr<int64_t>(),
+                     .n = n,
+                     .upper = upper,
+                     .allow_negative = allow_negative,
+                     .has_ignore = has_ignore,
+                     .ignore = ignore,
+                     .first_bad = reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>())};
   ex.launch(range_check_kernel<kRangeCheckThreads>, grid_for(n, kRangeCheckThreads, 4096), kRangeCheckThreads, 0, p);
   const int64_t i = first_bad.item<int64_t>();
   if (i >= n) return;
@@ -228,11 +233,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_by_segment(Exec& ex, const a
   const int64_t n = ids.numel();
   auto keys = at::empty({n}, ids.options());
   ex.launch(segment_keys_kernel<kSegmentThreads>, grid_for(n, kSegmentThreads), kSegmentThreads, 0,
-            SegmentKeysParams{ids.data_ptr<int64_t>(), n, num_segments, keys.data_ptr<int64_t>()});
+            SegmentKeysParams{.ids = ids.data_ptr<int64_t>(),
+                              .n = n,
+                              .num_segments = num_segments,
+                              .keys = keys.data_ptr<int64_t>()});
   auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   auto offsets = at::empty({num_segments + 1}, ids.options());
   ex.launch(segment_offsets_kernel<kSegmentThreads>, grid_for(n + 1, kSegmentThreads), kSegmentThreads, 0,
-            SegmentOffsetsParams{sorted.data_ptr<int64_t>(), n, num_segments, offsets.data_ptr<int64_t>()});
+            SegmentOffsetsParams{.sorted_keys = sorted.data_ptr<int64_t>(),
+                                 .n = n,
+                                 .num_segments = num_segments,
+                                 .offsets = offsets.data_ptr<int64_t>()});
   return {sorted, perm, offsets};
 }
 

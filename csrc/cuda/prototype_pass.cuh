@@ -65,8 +65,6 @@ struct EpilogueParams {
   int64_t* index;          // [N, K] argmax, ties to the smallest m
   const int64_t* labels;   // [N] for `own`; entries outside [0, K) give a 0 row
   acc* own;                // [N, M]
-  const int64_t* target;   // [N] for `target_logit`; entries outside [0, K*M) give 0
-  acc* target_logit;       // [N]
   acc* lse;                // [N] logsumexp_j S[n, j] / temperature
   bool softmax_tile;       // rewrite the tile as the row softmax, for the second GEMM (needs lse)
   acc inv_temperature;
@@ -109,10 +107,6 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
       const bool valid = y >= 0 && y < k_classes;
       for (int64_t m = lane; m < m_protos; m += kWarpSize) p.own[n * m_protos + m] = valid ? s[y * m_protos + m] * scale : acc(0);
     }
-    if (p.target_logit != nullptr && lane == 0) {
-      const int64_t t = p.target[n];
-      p.target_logit[n] = (t >= 0 && t < km) ? s[t] * scale : acc(0);
-    }
     if (p.lse != nullptr) {
       acc mx = -ps::infinity<acc>();
       for (int64_t j = lane; j < km; j += kWarpSize) mx = ps::max(mx, s[j]);
@@ -146,7 +140,6 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kEpilogueThreads) pass_epilogue_kernel(EpilogueP
 // ---- gradient assembly ----------------------------------------------------------------------
 //   grad_x_hat[n] = sum_k grad_scores[n,k] p_hat[k*M + index[n,k]]
 //                 + sum_m grad_own[n,m] p_hat[labels[n]*M + m]           (labels in [0, K))
-//                 + coef_target[n] p_hat[target[n]]                      (target in [0, K*M))
 //                 + grad_lse[n] / temperature * weighted[n]
 //   grad_x[n] = (grad_x_hat - x_hat <grad_x_hat, x_hat>) / ||x||   (or grad_x_hat / eps when
 //   ||x|| <= eps, the clamped branch of F.normalize). Null pointers contribute nothing.
@@ -163,13 +156,11 @@ struct GradTileParams {
   const int64_t* index;         // [N, K]
   const acc* grad_own;          // [N, M]
   const int64_t* labels;        // [N]
-  const acc* coef_target;       // [N]
-  const int64_t* target;        // [N]
 };
 
 constexpr int kGradTileThreads = 256;
 
-// One warp per tile row: zero it, then add the three kinds of coefficients in turn (they can
+// One warp per tile row: zero it, then add the two kinds of coefficients in turn (they can
 // land on the same cell, so the phases are separated by warp barriers; within a phase every
 // lane writes distinct cells).
 template <class scalar_t>
@@ -196,11 +187,6 @@ PS_GLOBAL void PS_LAUNCH_BOUNDS(kGradTileThreads) grad_tile_kernel(GradTileParam
       if (y >= 0 && y < k_classes) {
         for (int64_t m = lane; m < m_protos; m += kWarpSize) t[y * m_protos + m] += p.grad_own[n * m_protos + m];
       }
-    }
-    ps::sync_warp();
-    if (p.coef_target != nullptr && lane == 0) {
-      const int64_t tg = p.target[n];
-      if (tg >= 0 && tg < km) t[tg] += p.coef_target[n];
     }
     ps::sync_warp();  // the row is complete before this warp moves on
   }
@@ -283,11 +269,10 @@ LaunchCost launch_cost(const EpilogueParams<T>& p) {
   const double r = p.rows, km = double(p.num_classes) * p.num_prototypes;
   const bool training = p.softmax_tile;
   LaunchCost c;
-  c.read = r * km * bytes<acc>() + if_set(p.inv_norm, r * bytes<acc>()) + if_set(p.labels, r * kIndex) +
-           if_set(p.target, r * kIndex);
+  c.read = r * km * bytes<acc>() + if_set(p.inv_norm, r * bytes<acc>()) + if_set(p.labels, r * kIndex);
   c.written = if_set(p.scores, r * p.num_classes * bytes<T>()) + if_set(p.index, r * p.num_classes * kIndex) +
-              if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.target_logit, r * bytes<acc>()) +
-              if_set(p.lse, r * bytes<acc>()) + (training ? r * km * bytes<acc>() : 0.0);
+              if_set(p.own, r * p.num_prototypes * bytes<acc>()) + if_set(p.lse, r * bytes<acc>()) +
+              (training ? r * km * bytes<acc>() : 0.0);
   c.flops = r * km * (training ? 6 : p.lse != nullptr ? 5 : 1);
   c.workspace = p.tile;
   c.workspace_bytes = r * km * bytes<acc>() * (training ? 2 : 1);
@@ -300,8 +285,7 @@ LaunchCost launch_cost(const GradTileParams<T>& p) {
   using namespace costs;
   const double r = p.rows, k = p.num_classes, m = p.num_prototypes;
   LaunchCost c;
-  c.read = if_set(p.grad_scores, r * k * (bytes<T>() + kIndex)) + if_set(p.grad_own, r * m * bytes<acc>() + r * kIndex) +
-           if_set(p.coef_target, r * (bytes<acc>() + kIndex));
+  c.read = if_set(p.grad_scores, r * k * (bytes<T>() + kIndex)) + if_set(p.grad_own, r * m * bytes<acc>() + r * kIndex);
   c.written = r * k * m * bytes<acc>();
   c.flops = r * (k + m + 1);
   c.workspace = p.tile;
@@ -365,8 +349,13 @@ at::Tensor normalized_prototypes(Exec& ex, const at::Tensor& prototypes) {
   const int64_t d = prototypes.size(2);
   const auto p = prototypes.reshape({-1, d});
   at::Tensor out = at::empty({p.size(0), d}, p.options().dtype(c10::CppTypeToScalarType<acc>::value));
-  NormalizeParams<scalar_t> np{p.data_ptr<scalar_t>(), p.size(0), d, p.stride(0), p.stride(1), out.data_ptr<acc>(),
-                               nullptr};
+  NormalizeParams<scalar_t> np{.x = p.data_ptr<scalar_t>(),
+                               .rows = p.size(0),
+                               .d = d,
+                               .stride_row = p.stride(0),
+                               .stride_col = p.stride(1),
+                               .out = out.data_ptr<acc>(),
+                               .inv_norm = nullptr};
   constexpr int kRows = kNormalizeThreads / kWarpSize;
   ex.launch(normalize_rows_kernel<scalar_t>, grid_for(p.size(0), kRows), kNormalizeThreads, 0, np);
   return out;
@@ -380,8 +369,6 @@ struct PassOutputs {
   int64_t* index = nullptr;
   const int64_t* labels = nullptr;
   acc* own = nullptr;
-  const int64_t* target = nullptr;
-  acc* target_logit = nullptr;
   acc* lse = nullptr;
   at::Tensor weighted;  // [N, D] acc_t contiguous (needs lse)
   double temperature = 1.0;
@@ -410,7 +397,13 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
     ex.l2_resident(p_hat);
     ex.l2_resident(p_gemm);
   }
-  NormalizeParams<scalar_t> np{x.data_ptr<scalar_t>(), n, d, x.stride(0), x.stride(1), nullptr, inv_norm.data_ptr<acc>()};
+  NormalizeParams<scalar_t> np{.x = x.data_ptr<scalar_t>(),
+                               .rows = n,
+                               .d = d,
+                               .stride_row = x.stride(0),
+                               .stride_col = x.stride(1),
+                               .out = nullptr,
+                               .inv_norm = inv_norm.data_ptr<acc>()};
   ex.launch(normalize_rows_kernel<scalar_t>, grid_for(n, kNormalizeThreads / kWarpSize), kNormalizeThreads, 0, np);
   const at::Tensor p_gemm_t = p_gemm.t();
   constexpr int kRows = kEpilogueThreads / kWarpSize;
@@ -418,9 +411,19 @@ void prototype_pass(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int6
     const int64_t r = std::min(plan.rows, n - start);
     auto s_view = tile.narrow(0, 0, r);
     ex.gemm(s_view, x.narrow(0, start, r), p_gemm_t);
-    EpilogueParams<scalar_t> ep{tile.data_ptr<acc>(), inv_norm.data_ptr<acc>() + start, r, start, k_classes, m_protos,
-                                out.scores, out.index, out.labels, out.own, out.target, out.target_logit, out.lse,
-                                out.weighted.defined(), static_cast<acc>(1.0 / out.temperature)};
+    EpilogueParams<scalar_t> ep{.tile = tile.data_ptr<acc>(),
+                                .inv_norm = inv_norm.data_ptr<acc>() + start,
+                                .rows = r,
+                                .row0 = start,
+                                .num_classes = k_classes,
+                                .num_prototypes = m_protos,
+                                .scores = out.scores,
+                                .index = out.index,
+                                .labels = out.labels,
+                                .own = out.own,
+                                .lse = out.lse,
+                                .softmax_tile = out.weighted.defined(),
+                                .inv_temperature = static_cast<acc>(1.0 / out.temperature)};
     ex.launch(pass_epilogue_kernel<scalar_t>, grid_for(r, kRows), kEpilogueThreads, 0, ep);
     if (out.weighted.defined()) {
       at::Tensor w_view = out.weighted.narrow(0, start, r);
@@ -438,8 +441,6 @@ struct GradTerms {
   const int64_t* index = nullptr;
   const acc* grad_own = nullptr;
   const int64_t* labels = nullptr;
-  const acc* coef_target = nullptr;
-  const int64_t* target = nullptr;
   const acc* grad_lse = nullptr;
   const acc* weighted = nullptr;
   double temperature = 1.0;
@@ -453,7 +454,7 @@ void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int
   using acc = acc_t<scalar_t>;
   const int64_t n = x.size(0), d = x.size(1), km = k_classes * m_protos;
   if (n == 0) return;
-  const bool tile_terms = g.grad_scores != nullptr || g.grad_own != nullptr || g.coef_target != nullptr;
+  const bool tile_terms = g.grad_scores != nullptr || g.grad_own != nullptr;
   const ChunkPlan plan =
       plan_chunks(n, km, d, sizeof(scalar_t), sizeof(acc), p_hat.nbytes(), ex.l2_bytes(), ex.tile_budget);
   at::Tensor tile, tile_grad;
@@ -471,15 +472,30 @@ void assemble_grad_x(Exec& ex, const at::Tensor& x, const at::Tensor& p_hat, int
   for (int64_t start = 0; start < n; start += rows) {
     const int64_t r = std::min(rows, n - start);
     if (tile_terms) {
-      GradTileParams<scalar_t> tp{tile.data_ptr<acc>(), r, start, k_classes, m_protos, g.grad_scores, g.index,
-                                  g.grad_own, g.labels, g.coef_target, g.target};
+      GradTileParams<scalar_t> tp{.tile = tile.data_ptr<acc>(),
+                                  .rows = r,
+                                  .row0 = start,
+                                  .num_classes = k_classes,
+                                  .num_prototypes = m_protos,
+                                  .grad_scores = g.grad_scores,
+                                  .index = g.index,
+                                  .grad_own = g.grad_own,
+                                  .labels = g.labels};
       ex.launch(grad_tile_kernel<scalar_t>, grid_for(r, kRows), kGradTileThreads, 0, tp);
       at::Tensor out_view = tile_grad.narrow(0, 0, r);
       ex.gemm(out_view, tile.narrow(0, 0, r), p_hat);
     }
-    GradParams<scalar_t> gp{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1), r, start,
-                            tile_terms ? tile_grad.data_ptr<acc>() : nullptr, g.grad_lse, g.weighted,
-                            static_cast<acc>(1.0 / g.temperature), grad_x.data_ptr<scalar_t>()};
+    GradParams<scalar_t> gp{.x = x.data_ptr<scalar_t>(),
+                            .d = d,
+                            .sx0 = x.stride(0),
+                            .sx1 = x.stride(1),
+                            .rows = r,
+                            .row0 = start,
+                            .tile_grad = tile_terms ? tile_grad.data_ptr<acc>() : nullptr,
+                            .grad_lse = g.grad_lse,
+                            .weighted = g.weighted,
+                            .inv_temperature = static_cast<acc>(1.0 / g.temperature),
+                            .grad_x = grad_x.data_ptr<scalar_t>()};
     ex.launch(assemble_grad_kernel<scalar_t>, grid_for(r, 1), kGradThreads, 0, gp);
   }
 }

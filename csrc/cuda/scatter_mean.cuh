@@ -117,10 +117,17 @@ std::tuple<at::Tensor, at::Tensor> scatter_mean(const at::Tensor& x, const at::T
   const int64_t channel_blocks = std::max<int64_t>(1, (d + kScatterThreads - 1) / kScatterThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_mean_cuda", [&] {
     ex.launch(scatter_mean_kernel<scalar_t>, grid_for(num_segments * channel_blocks, 1), kScatterThreads, 0,
-              ScatterMeanParams<scalar_t>{x.data_ptr<scalar_t>(), d, x.stride(0), x.stride(1),
-                                          perm.data_ptr<int64_t>(), perm.numel(), offsets.data_ptr<int64_t>(),
-                                          num_segments,
-                                          channel_blocks, mean.data_ptr<scalar_t>(), count.data_ptr<int64_t>()});
+              ScatterMeanParams<scalar_t>{.x = x.data_ptr<scalar_t>(),
+                                          .d = d,
+                                          .sx0 = x.stride(0),
+                                          .sx1 = x.stride(1),
+                                          .perm = perm.data_ptr<int64_t>(),
+                                          .n = perm.numel(),
+                                          .offsets = offsets.data_ptr<int64_t>(),
+                                          .num_segments = num_segments,
+                                          .channel_blocks = channel_blocks,
+                                          .mean = mean.data_ptr<scalar_t>(),
+                                          .count = count.data_ptr<int64_t>()});
   });
   return {mean, count};
 }
@@ -149,8 +156,13 @@ at::Tensor scatter_mean_backward(const at::Tensor& grad_mean, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scatter_mean_backward_cuda", [&] {
     ex.launch(scatter_mean_backward_kernel<scalar_t>, grid_for(n * d, kScatterBackwardThreads),
               kScatterBackwardThreads, 0,
-              ScatterMeanBackwardParams<scalar_t>{g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
-                                                  cnt.data_ptr<int64_t>(), n, d, s, grad_x.data_ptr<scalar_t>()});
+              ScatterMeanBackwardParams<scalar_t>{.grad_mean = g.data_ptr<scalar_t>(),
+                                                  .index = idx.data_ptr<int64_t>(),
+                                                  .count = cnt.data_ptr<int64_t>(),
+                                                  .n = n,
+                                                  .d = d,
+                                                  .num_segments = s,
+                                                  .grad_x = grad_x.data_ptr<scalar_t>()});
   });
   return grad_x;
 }

@@ -252,8 +252,16 @@ void launch_segment_reduce(Exec& ex, const in_t* in, const at::Tensor& perm, con
   const int64_t s = offsets.numel() - 1;
   const int64_t n = perm.defined() ? perm.numel() : rows;
   ex.launch(segment_reduce_kernel<in_t>, grid_for(s, 1), kSegmentReduceThreads, 0,
-            SegmentReduceParams<in_t>{in, ptr_or_null<int64_t>(perm), offsets.data_ptr<int64_t>(), n, rows, s, m,
-                                      is_max, all_columns, out.data_ptr<double>()});
+            SegmentReduceParams<in_t>{.in = in,
+                                      .perm = ptr_or_null<int64_t>(perm),
+                                      .offsets = offsets.data_ptr<int64_t>(),
+                                      .n = n,
+                                      .rows = rows,
+                                      .num_segments = s,
+                                      .m = m,
+                                      .is_max = is_max,
+                                      .all_columns = all_columns,
+                                      .out = out.data_ptr<double>()});
 }
 
 // Pixels per class as float64 (the n_k of the iterations), from the segment offsets.
@@ -289,19 +297,46 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn(const at::Tensor& scores, const at::
     const scalar_t* sp = s.data_ptr<scalar_t>();
     launch_segment_reduce(ex, sp, perm, offsets, n, m, /*is_max=*/true, /*all_columns=*/true, class_stat);
     ex.launch(sinkhorn_init_kernel<scalar_t>, grid_for(n * m, kT), kT, 0,
-              SinkhornInitParams<scalar_t>{sp, pp, kp, n, m, k, class_stat.data_ptr<double>(), epsilon, lp});
+              SinkhornInitParams<scalar_t>{.scores = sp,
+                                           .perm = pp,
+                                           .keys = kp,
+                                           .n = n,
+                                           .m = m,
+                                           .num_classes = k,
+                                           .class_max = class_stat.data_ptr<double>(),
+                                           .epsilon = epsilon,
+                                           .L = lp});
   });
   const at::Tensor no_perm;  // L is already in sorted order
   launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, true, class_stat);
   ex.launch(sinkhorn_scale_kernel<kT>, grid_for(n * m, kT), kT, 0,
-            SinkhornScaleParams{kp, n, m, k, class_stat.data_ptr<double>(), lp});
+            SinkhornScaleParams{.keys = kp,
+                                .n = n,
+                                .m = m,
+                                .num_classes = k,
+                                .class_total = class_stat.data_ptr<double>(),
+                                .L = lp});
   for (int64_t it = 0; it < iterations; ++it) {
     launch_segment_reduce(ex, static_cast<const double*>(lp), no_perm, offsets, n, m, false, false, rows);
     ex.launch(sinkhorn_step_kernel<kT>, grid_for(n, kT), kT, 0,
-              SinkhornStepParams{kp, cp, n, m, k, rows.data_ptr<double>(), lp});
+              SinkhornStepParams{.keys = kp,
+                                 .count = cp,
+                                 .n = n,
+                                 .m = m,
+                                 .num_classes = k,
+                                 .rows = rows.data_ptr<double>(),
+                                 .L = lp});
   }
   ex.launch(sinkhorn_finish_kernel<kT>, grid_for(n, kT), kT, 0,
-            SinkhornFinishParams{kp, pp, cp, n, m, k, lp, q.data_ptr<float>(), assignment.data_ptr<int64_t>()});
+            SinkhornFinishParams{.keys = kp,
+                                 .perm = pp,
+                                 .count = cp,
+                                 .n = n,
+                                 .m = m,
+                                 .num_classes = k,
+                                 .L = lp,
+                                 .q = q.data_ptr<float>(),
+                                 .assignment = assignment.data_ptr<int64_t>()});
   return {q, assignment};
 }
 
@@ -352,8 +387,15 @@ at::Tensor sinkhorn_exp(const at::Tensor& scores, const at::Tensor& labels, cons
   constexpr int kT = kSinkhornThreads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "sinkhorn_exp_cuda", [&] {
     ex.launch(sinkhorn_init_kernel<scalar_t>, grid_for(n * m, kT), kT, 0,
-              SinkhornInitParams<scalar_t>{s.data_ptr<scalar_t>(), nullptr, lab.data_ptr<int64_t>(), n, m,
-                                           mx.numel(), mx.data_ptr<double>(), epsilon, plan.data_ptr<double>()});
+              SinkhornInitParams<scalar_t>{.scores = s.data_ptr<scalar_t>(),
+                                           .perm = nullptr,
+                                           .keys = lab.data_ptr<int64_t>(),
+                                           .n = n,
+                                           .m = m,
+                                           .num_classes = mx.numel(),
+                                           .class_max = mx.data_ptr<double>(),
+                                           .epsilon = epsilon,
+                                           .L = plan.data_ptr<double>()});
   });
   return plan;
 }
@@ -368,8 +410,12 @@ at::Tensor sinkhorn_scale(const at::Tensor& plan, const at::Tensor& labels, cons
   const auto total = class_total.contiguous();
   constexpr int kT = kSinkhornThreads;
   ex.launch(sinkhorn_scale_kernel<kT>, grid_for(n * m, kT), kT, 0,
-            SinkhornScaleParams{lab.data_ptr<int64_t>(), n, m, total.numel(), total.data_ptr<double>(),
-                                out.data_ptr<double>()});
+            SinkhornScaleParams{.keys = lab.data_ptr<int64_t>(),
+                                .n = n,
+                                .m = m,
+                                .num_classes = total.numel(),
+                                .class_total = total.data_ptr<double>(),
+                                .L = out.data_ptr<double>()});
   return out;
 }
 
@@ -385,8 +431,13 @@ at::Tensor sinkhorn_step(const at::Tensor& plan, const at::Tensor& labels, const
   const auto c = count.contiguous();
   constexpr int kT = kSinkhornThreads;
   ex.launch(sinkhorn_step_kernel<kT>, grid_for(n, kT), kT, 0,
-            SinkhornStepParams{lab.data_ptr<int64_t>(), c.data_ptr<double>(), n, m, c.numel(), r.data_ptr<double>(),
-                               out.data_ptr<double>()});
+            SinkhornStepParams{.keys = lab.data_ptr<int64_t>(),
+                               .count = c.data_ptr<double>(),
+                               .n = n,
+                               .m = m,
+                               .num_classes = c.numel(),
+                               .rows = r.data_ptr<double>(),
+                               .L = out.data_ptr<double>()});
   return out;
 }
 
@@ -403,8 +454,15 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_finish(const at::Tensor& plan, const
   auto assignment = at::full({n}, -1, labels.options());
   constexpr int kT = kSinkhornThreads;
   ex.launch(sinkhorn_finish_kernel<kT>, grid_for(n, kT), kT, 0,
-            SinkhornFinishParams{lab.data_ptr<int64_t>(), nullptr, c.data_ptr<double>(), n, m, c.numel(),
-                                 L.data_ptr<double>(), q.data_ptr<float>(), assignment.data_ptr<int64_t>()});
+            SinkhornFinishParams{.keys = lab.data_ptr<int64_t>(),
+                                 .perm = nullptr,
+                                 .count = c.data_ptr<double>(),
+                                 .n = n,
+                                 .m = m,
+                                 .num_classes = c.numel(),
+                                 .L = L.data_ptr<double>(),
+                                 .q = q.data_ptr<float>(),
+                                 .assignment = assignment.data_ptr<int64_t>()});
   return {q, assignment};
 }
 
