@@ -20,7 +20,9 @@ LayerNorm (proto_train, sinkhorn, proto_train_backward, scatter_mean of the unit
 The floor beside each: similarity, one GEMM of x against the prototypes (or reading x and
 writing the scores, if larger); the step, its three GEMMs (S, softmax(S) P, the backward's
 G P) or reading x twice and writing grad_x, whichever is larger; GEMMs at the peak of x's own
-dtype (bf16 tensor cores for bf16 x). ATen operations inside the
+dtype (bf16 tensor cores for bf16 x). Last, `sinkhorn` as one call against the composition of its
+step ops (`ops.sinkhorn_reduced`), with the composition's ATen copies of the plan added at HBM
+bandwidth. ATen operations inside the
 launch sequence (copies, sorts, the L2 normalisation composite) are not modelled: they are
 listed under the table with the pixel-sized tensors they touched.
 """
@@ -35,6 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "emulated"))
 import emulated_module  # noqa: E402
+
+from protoseg.ops.segments import compose_sinkhorn  # noqa: E402
 
 
 N, D, M = 1 << 20, 720, 10
@@ -75,6 +79,60 @@ def training_step(emu, x, p, labels):
     emu.proto_train_backward(torch.empty_like(scores), torch.empty_like(own), torch.empty_like(lse), x, p, labels,
                              index, weighted, 0.1, None, None, stats)
     emu.scatter_mean(x_hat, labels * m, k * m)
+
+
+class _Composed:
+    """The emulated step ops for compose_sinkhorn in record-only mode, but for sinkhorn_segments's
+    outputs: nothing executes there, so the emulated perm would have a length read from
+    uninitialised memory; its launches are recorded and the CPU op gives the true perm and offsets."""
+
+    def __init__(self, emu):
+        self.emu = emu
+
+    def __getattr__(self, name):
+        return getattr(self.emu, name)
+
+    def sinkhorn_segments(self, labels, k):
+        self.emu.sinkhorn_segments(labels, k)
+        return torch.ops.protoseg.sinkhorn_segments(labels, k)
+
+
+def aten_copy_bytes(prof) -> float:
+    """Bytes read and written by the outermost ATen clones in the profile (the composition's copies
+    of the [N, M] float64 plan), which the launch records do not hold."""
+    sizes = {"double": 8, "float": 4, "long int": 8}
+    total = 0.0
+    for e in prof.events():
+        if e.name == "aten::clone" and e.cpu_parent is not None and not e.cpu_parent.name.startswith("aten::"):
+            numel = 1
+            for d in e.input_shapes[0]:
+                numel *= d
+            total += 2 * numel * sizes[e.input_dtypes[0]]
+    return total
+
+
+def sinkhorn_bound(emu, fn, k: int, gpu: dict) -> tuple[float, int, float]:
+    """Sinkhorn alone on N pixels with K classes equally likely: (bound seconds of the launches,
+    launches, bound seconds of the ATen copies at HBM bandwidth)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.empty(N, M)
+    labels = torch.randint(0, k, (N,), generator=g)
+    records, prof = record_case(emu, lambda e, *a: fn(e, scores, labels, k), None, None, None, gpu["l2"])
+    return sum(bound(r, gpu, "fp32") for r in records), len(records), aten_copy_bytes(prof) / gpu["bandwidth"]
+
+
+def compare_sinkhorn(emu) -> None:
+    """The one-call sinkhorn against the composition of its step ops (ops.sinkhorn_reduced, which
+    a distributed run calls), as docs/performance.md weighs keeping both."""
+    one_call = lambda e, s, lab, k: e.sinkhorn(s, lab, k, 3, 0.05)  # noqa: E731
+    composed = lambda e, s, lab, k: compose_sinkhorn(_Composed(e), s, lab, k, 3, 0.05)  # noqa: E731
+    print(f"\nsinkhorn, N = {N}, M = {M}, 3 iterations: one call vs its step ops composed; bound ms of the "
+          "launches (their number), + the composition's ATen copies of the plan at HBM bandwidth")
+    for k in KS:
+        for g, gpu in GPUS.items():
+            (a, na, ca), (b, nb, cb) = (sinkhorn_bound(emu, fn, k, gpu) for fn in (one_call, composed))
+            print(f"  K = {k:4d} {g:9s} one call {(a + ca) * 1e3:7.3f} ms ({na})   composed {b * 1e3:7.3f} ms ({nb})"
+                  f" + copies {cb * 1e3:6.3f} ms   composed / one call {(b + cb) / (a + ca):5.2f}x")
 
 
 def floor(case: str, x, km: int, gpu: dict, float_gemm: str) -> float:
@@ -175,6 +233,7 @@ def main() -> None:
     for case, km, mode, res in summary:
         print(f"  {case:14s} {km:5d} {mode:5s}" + "".join(
             f" {res[g][0] * 1e3:12.2f} {res[g][0] / res[g][1]:7.2f}x {res[g][0] / res[g][2]:7.2f}x" for g in GPUS))
+    compare_sinkhorn(emu)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ LaunchCost launch_cost(const GradTileParams<T>& p) {
   LaunchCost c;
   c.read = if_set(p.grad_scores, r * k * (bytes<T>() + kIndex)) + if_set(p.grad_own, r * m * bytes<acc>() + r * kIndex);
   c.written = r * k * m * bytes<acc>();
-  c.flops = r * (k + m + 1);
+  c.flops = r * (k + m);
   c.workspace = p.tile;
   c.workspace_bytes = c.written;
   return c;
