@@ -23,7 +23,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv, description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--softmax", action="store_true", help="train the host's own softmax classifier instead")
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--data", default="data/digitscenes", help="DigitScenes folder (generated if absent)")
