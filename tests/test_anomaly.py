@@ -13,6 +13,7 @@ import protoseg
 from protoseg import ops
 from protoseg.data.transforms import normalize_image
 from protoseg.config import TestConfig
+from protoseg.engine import anomaly
 from protoseg.engine.anomaly import (LOGIT_SCORES, PROTOTYPE_SCORES, SCORES, AnomalyEvaluator, anomaly_metrics,
                                      fit_path, load_fit, logit_scores, offered_scores, prototype_scores,
                                      vmf_concentration, vmf_log_normalizer)
@@ -137,6 +138,22 @@ def test_prototype_scores_match_a_hand_computed_case():
     torch.testing.assert_close(energy, torch.tensor([ea, eb]))
     # log-likelihoods a: (-1 + 1, -2 + 0, -3 - 3, -4 + 0), b: (-1 + 0.6, -2 + 1.6, -3 - 1.8, -4 - 3.2)
     torch.testing.assert_close(vmf, torch.tensor([-0.0, 0.4]))
+
+
+def test_prototype_scores_in_blocks_of_pixels_equal_the_whole_map(monkeypatch):
+    """The scores are computed over blocks of pixels; blocks of 3 pixels (the last one short)
+    give the reductions of the whole [B, K*M, H, W] cosine map."""
+    g = torch.Generator().manual_seed(0)
+    k, m, d = 5, 3, 8
+    prototypes = F.normalize(torch.randn(k, m, d, generator=g), dim=-1)
+    embedding = F.normalize(torch.randn(2, d, 4, 5, generator=g), dim=1)
+    fit = {"kappa": torch.rand(k, m, generator=g) * 50, "log_norm": -torch.rand(k, m, generator=g) * 20}
+    whole = torch.einsum("bdhw,kmd->bkmhw", embedding, prototypes).flatten(1, 2)
+    expected = [1 - whole.amax(dim=1), -(whole / 0.1).logsumexp(dim=1),
+                -(fit["log_norm"].reshape(1, -1, 1, 1) + fit["kappa"].reshape(1, -1, 1, 1) * whole).amax(dim=1)]
+    monkeypatch.setattr(anomaly, "_SCORE_BLOCK", 3 * k * m)
+    for got, want in zip(prototype_scores(embedding, prototypes, 0.1, PROTOTYPE_SCORES, fit), expected):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("dim", [3, 64, 256])

@@ -64,22 +64,29 @@ def logit_scores(logits: Tensor, names) -> list[Tensor]:
     return [maps[name]() for name in names]
 
 
+# Pixels per block of prototype_scores: a [rows, K*M] float32 block of at most 2^24 entries
+# (64 MB), so that the scores never hold the whole [pixels, K*M] map (GBs at K*M = 8470).
+_SCORE_BLOCK = 1 << 24
+
+
 def prototype_scores(embedding: Tensor, prototypes: Tensor, temperature: float, names,
                      fit: dict | None = None) -> list[Tensor]:
     """embedding [B, D, ...] unit pixel embeddings, prototypes [K, M, D] unit -> one [B, ...]
-    float32 map per name in PROTOTYPE_SCORES (fit: `fit_vmf`'s, for "vmf")."""
-    cosine = torch.einsum("bd...,kmd->bkm...", embedding.float(), prototypes.float())
-    cosine = cosine.flatten(1, 2)  # [B, K*M, ...]
-
-    def vmf() -> Tensor:
-        shape = (1, -1) + (1,) * (cosine.dim() - 2)
-        kappa, log_norm = (fit[key].to(cosine.device, torch.float32).view(shape) for key in ("kappa", "log_norm"))
-        return -(log_norm + kappa * cosine).amax(dim=1)
-
-    maps = {"cosine": lambda: 1 - cosine.amax(dim=1),
-            "proto_energy": lambda: -(cosine / temperature).logsumexp(dim=1),
-            "vmf": vmf}
-    return [maps[name]() for name in names]
+    float32 map per name in PROTOTYPE_SCORES (fit: `fit_vmf`'s, for "vmf"), computed over blocks of
+    pixels."""
+    d = embedding.shape[1]
+    x = embedding.float().movedim(1, -1)
+    shape = x.shape[:-1]  # [B, ...]
+    p = prototypes.float().reshape(-1, d)  # [K*M, D], row k * M + m
+    if "vmf" in names:
+        kappa, log_norm = (fit[key].to(p.device, torch.float32).reshape(-1) for key in ("kappa", "log_norm"))
+    maps = {"cosine": lambda c: 1 - c.amax(dim=1),
+            "proto_energy": lambda c: -(c / temperature).logsumexp(dim=1),
+            "vmf": lambda c: -(log_norm + kappa * c).amax(dim=1)}
+    rows = max(1, _SCORE_BLOCK // p.shape[0])
+    blocks = [[maps[name](cosine) for name in names]
+              for cosine in (chunk @ p.t() for chunk in x.reshape(-1, d).split(rows))]
+    return [torch.cat([block[i] for block in blocks]).view(shape) for i in range(len(names))]
 
 
 def score_maps(model: nn.Module, images: Tensor, names, fit: dict | None = None) -> Tensor:
