@@ -29,6 +29,7 @@ listed under the table with the pixel-sized tensors they touched.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections import defaultdict
@@ -97,20 +98,6 @@ class _Composed:
         return torch.ops.protoseg.sinkhorn_segments(labels, k)
 
 
-def aten_copy_bytes(prof) -> float:
-    """Bytes read and written by the outermost ATen clones in the profile (the composition's copies
-    of the [N, M] float64 plan), which the launch records do not hold."""
-    sizes = {"double": 8, "float": 4, "long int": 8}
-    total = 0.0
-    for e in prof.events():
-        if e.name == "aten::clone" and e.cpu_parent is not None and not e.cpu_parent.name.startswith("aten::"):
-            numel = 1
-            for d in e.input_shapes[0]:
-                numel *= d
-            total += 2 * numel * sizes[e.input_dtypes[0]]
-    return total
-
-
 def sinkhorn_bound(emu, fn, k: int, gpu: dict) -> tuple[float, int, float]:
     """Sinkhorn alone on N pixels with K classes equally likely: (bound seconds of the launches,
     launches, bound seconds of the ATen copies at HBM bandwidth)."""
@@ -149,18 +136,30 @@ VIEWS = {"aten::narrow", "aten::slice", "aten::unsqueeze", "aten::view", "aten::
          "aten::contiguous"}
 
 
+def outermost_aten(prof):
+    """The ATen ops of the profile not called by another ATen op (what the launch sequence itself
+    called)."""
+    for e in prof.events():
+        if e.name.startswith("aten::") and e.cpu_parent is not None and not e.cpu_parent.name.startswith("aten::"):
+            yield e
+
+
 def unmodelled_aten(prof) -> dict[str, int]:
     """ATen ops that ran inside the protoseg calls on pixel-sized tensors (views and uninitialised
     allocations aside): name -> calls."""
     out: dict[str, int] = defaultdict(int)
-    for e in prof.events():
-        if not e.name.startswith("aten::") or e.name in VIEWS or e.cpu_parent is None:
-            continue
-        if e.cpu_parent.name.startswith("aten::"):
-            continue  # count the outermost ATen op only
-        if any(shape and shape[0] == N for shape in e.input_shapes if isinstance(shape, list)):
+    for e in outermost_aten(prof):
+        if e.name not in VIEWS and any(shape and shape[0] == N for shape in e.input_shapes if isinstance(shape, list)):
             out[e.name] += 1
     return dict(out)
+
+
+def aten_copy_bytes(prof) -> float:
+    """Bytes read and written by the outermost ATen clones in the profile (the composition's copies
+    of the [N, M] float64 plan), which the launch records do not hold."""
+    sizes = {"double": 8, "float": 4, "long int": 8}
+    return sum(2 * math.prod(e.input_shapes[0]) * sizes[e.input_dtypes[0]]
+               for e in outermost_aten(prof) if e.name == "aten::clone")
 
 
 def record_case(emu, fn, x, p, labels, l2_bytes: int):
