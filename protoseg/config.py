@@ -106,7 +106,14 @@ class TrainConfig:
     weight_decay: float = 5e-4
     backbone_lr_mult: float = 1.0
     poly_power: float = 0.9
-    amp: str = "none"  # none, bf16, or fp16 (with a GradScaler; CUDA only)
+    # The optimizer's implementation: fused (one kernel over all parameters, CPU and CUDA),
+    # foreach (one op per step of the update over the parameter list), or loop (per parameter).
+    # SGD's three give bitwise the same weights; AdamW's fused one differs in the last bit.
+    optimizer_impl: str = "fused"
+    amp: str = "none"  # none, bf16 (CPU and CUDA), or fp16 (with a GradScaler; CUDA only)
+    # torch.compile (Inductor) of the training forward and loss, the backward derived with them;
+    # one graph on one rank, graphs split at DDP's buckets under several (docs/performance.md).
+    compile: bool = False
     # Convolution weights (hence activations) in NHWC, for training and every prediction: on
     # CPUs oneDNN's depthwise convolutions (EfficientNet, the lite decoder) run much faster so.
     channels_last: bool = False

@@ -33,6 +33,13 @@ train:
 """
 
 
+# train.compile on the tiny config: a small ResNet with the FCN head in place of HRNet, whose
+# graph compiles in tens of seconds rather than minutes on 2 cores.
+COMPILED = ["train.compile=true", "model.backbone=resnet10t", "model.decoder=fcn"]
+# the other options of a step (docs/configs.md), away from their defaults
+BF16_CHANNELS_LAST = ["train.amp=bf16", "train.channels_last=true", "train.optimizer_impl=foreach"]
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """Write a tiny DigitScenes config (32x32 scenes, a narrow head, 4 iterations); returns a

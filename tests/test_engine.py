@@ -4,6 +4,7 @@ import signal
 
 import pytest
 import torch
+from conftest import BF16_CHANNELS_LAST, COMPILED
 
 from protoseg.config import ConfigError, config_to_dict, load_config
 from protoseg.engine import checkpoint as ckpt
@@ -161,14 +162,19 @@ def _assert_states_equal(a, b):
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_exact(tiny_config, tmp_path, progress_bars):
+@pytest.mark.parametrize("overrides", [[], BF16_CHANNELS_LAST, COMPILED], ids=["eager", "bf16-cl", "compiled"])
+def test_resume_is_bitwise_exact(tiny_config, tmp_path, progress_bars, overrides):
     path = tiny_config()
-    assert train(load_config(path, [f"output_dir={tmp_path}/full"])) == "finished"
-    half = [f"output_dir={tmp_path}/half"]
+    compiled_frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert train(load_config(path, [f"output_dir={tmp_path}/full", *overrides])) == "finished"
+    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiled_frames) == (overrides == COMPILED)
+    half = [f"output_dir={tmp_path}/half", *overrides]
     assert train(load_config(path, half), stop_after=2) == "stopped"
     assert train(load_config(path, half), resume="auto") == "finished"
     full, resumed = _load(tmp_path / "full", "iter_0000004.pth"), _load(tmp_path / "half", "iter_0000004.pth")
     _assert_states_equal(full["model"], resumed["model"])
+    # the keys of the model itself: compiling wraps the step, not the model (no "_orig_mod.")
+    assert full["model"].keys() == trainer_module.build_model(load_config(path, overrides)).state_dict().keys()
     assert "classifier.prototypes" in full["model"]
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
@@ -228,17 +234,20 @@ def progress_bars(monkeypatch):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch, progress_bars):
-    calls = {"n": 0}
-    real = trainer_module.compute_loss
+@pytest.mark.parametrize("overrides", [[], COMPILED], ids=["eager", "compiled"])
+def test_non_finite_loss_stops_with_iteration_and_terms(tiny_config, monkeypatch, progress_bars, overrides):
+    # The third batch's images are NaN (a compiled step cannot be poisoned from inside: its
+    # Python runs once, when it is traced).
+    real = trainer_module.build_train_loader
 
-    def poisoned(out, labels, **kwargs):
-        calls["n"] += 1
-        loss, terms = real(out, labels, **kwargs)
-        return (loss * float("nan"), terms) if calls["n"] == 3 else (loss, terms)
+    def poisoned(*args):
+        for n, batch in enumerate(real(*args), 1):
+            if n == 3:
+                batch["images"] = torch.full_like(batch["images"], float("nan"))
+            yield batch
 
-    monkeypatch.setattr(trainer_module, "compute_loss", poisoned)
-    cfg = load_config(tiny_config())
+    monkeypatch.setattr(trainer_module, "build_train_loader", poisoned)
+    cfg = load_config(tiny_config(), overrides)
     with pytest.raises(NonFiniteLoss, match=r"iteration 3: loss=nan \(seg=.*, ppc=.*, ppd=.*\)"):
         train(cfg)
     # the checkpoint of iteration 2 is the newest: nothing was saved after the bad step
@@ -285,6 +294,13 @@ def test_optimizers_and_backbone_lr_multiplier():
     assert optimizer.param_groups[1]["lr"] == pytest.approx(0.05)
     cfg.train.optimizer = "lamb"
     with pytest.raises(ValueError, match="train.optimizer"):
+        build_optimizer(cfg, build_model(cfg))
+    cfg.train.optimizer = "sgd"
+    assert build_optimizer(cfg, build_model(cfg)).defaults["fused"]  # the default implementation
+    cfg.train.optimizer_impl = "foreach"
+    assert build_optimizer(cfg, build_model(cfg)).defaults["foreach"]
+    cfg.train.optimizer_impl = "apex"
+    with pytest.raises(ValueError, match="train.optimizer_impl must be one of fused, foreach, loop .got 'apex'"):
         build_optimizer(cfg, build_model(cfg))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tool_command
+from conftest import BF16_CHANNELS_LAST, COMPILED, ROOT, tool_command
 from protoseg.engine.evaluator import SegEvaluator
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -130,12 +130,14 @@ def test_config_errors_exit_2_naming_the_key(tiny_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [2, 1])
-def test_gloo_run_keeps_replicas_identical(tiny_config, tmp_path, ranks):
+@pytest.mark.parametrize("ranks, overrides", [(2, []), (1, []), (2, BF16_CHANNELS_LAST), (2, COMPILED)],
+                         ids=["2", "1", "2-bf16-cl", "2-compiled"])
+def test_gloo_run_keeps_replicas_identical(tiny_config, tmp_path, ranks, overrides):
     """torchrun with 2 processes, and with 1, which joins a process group too (the collectives
-    of a multi-process run, NCCL on a GPU: tools/gpu_check.py's torchrun step)."""
+    of a multi-process run, NCCL on a GPU: tools/gpu_check.py's torchrun step); and 2 processes
+    with the step's other options, and each compiling its step (graphs split at DDP's buckets)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           os.path.join(ROOT, "tools", "train.py"), tiny_config()]
+           os.path.join(ROOT, "tools", "train.py"), tiny_config(), *overrides]
     result = _run(cmd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{ranks} rank(s) on cpu (gloo)" in result.stdout

@@ -47,11 +47,17 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     t = cfg.train
     backbone, rest = backbone_parameters(model)
     groups = [{"params": backbone, "lr": t.lr * t.backbone_lr_mult}, {"params": rest, "lr": t.lr}]
+    impl = OPTIMIZER_IMPLS.get(t.optimizer_impl)
+    if impl is None:
+        raise ValueError(f"train.optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)} (got {t.optimizer_impl!r})")
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **impl)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **impl)
     raise ValueError(f"train.optimizer must be sgd or adamw (got {t.optimizer!r})")
+
+
+OPTIMIZER_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
 def poly_schedule(optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -112,7 +118,8 @@ class Run:
     start_iter: int
     resumed: dict | None  # the checkpoint resumed from, until start_loop restores its RNG states
     log: Callable[[str], None]
-    net: torch.nn.Module | None = None  # what a step calls: the model, or DDP around it
+    net: torch.nn.Module | None = None  # the model, or DDP around it
+    forward: Callable | None = None  # (images, labels) -> (loss, terms): net and loss, maybe compiled
     batches: Iterator | None = None
     val_loader: DataLoader | None = None
     evaluator: SegEvaluator | None = None
@@ -195,6 +202,7 @@ def start_loop(run: Run) -> None:
     if run.world > 1:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
+    run.forward = build_forward(run.net, cfg, run.device, run.class_weights, distributed=run.world > 1)
     run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
     run.val_loader = build_val_loader(cfg, run.rank, run.world)
     run.evaluator = SegEvaluator(d.num_classes,
@@ -248,10 +256,29 @@ def agree_on_stop(loss: torch.Tensor, stop_requested: bool) -> StopFlags:
     return StopFlags(nonfinite_loss=bool(flags[0]), stop_requested=bool(flags[1]))
 
 
+def build_forward(net: torch.nn.Module, cfg: Config, device: torch.device, class_weights: torch.Tensor | None = None,
+                  distributed: bool = False) -> Callable:
+    """(images, labels) -> (loss, terms): the network under autocast, and the loss; the part of a
+    step that train.compile compiles. Compiled, the model is not wrapped, so its state dict keeps
+    its own keys.
+
+    Under DDP (`distributed`) the graph is split at the gradient buckets (dynamo's
+    DDPOptimizer), so that all-reduces overlap the backward as in eager: fullgraph only on one
+    rank."""
+    t = cfg.train
+
+    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with autocast(device, t.amp):
+            out = net(images, labels)
+        return compute_loss(out, labels, ignore_index=cfg.data.ignore_index, class_weights=class_weights,
+                            ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
+
+    return torch.compile(forward, fullgraph=not distributed) if t.compile else forward
+
+
 def train_step(run: Run, iteration: int, stop: StopRequest) -> tuple[torch.Tensor, dict, StopFlags]:
     """One iteration: forward, loss, the agreed stop flags (raises NonFiniteLoss before any
     update if a loss is not finite), backward, optimizer and schedule step."""
-    t = run.cfg.train
     batch = next(run.batches)
     while "images" not in batch:  # every sample of the batch was bad (on_error=skip)
         run.skipped += batch["skipped"]
@@ -260,10 +287,7 @@ def train_step(run: Run, iteration: int, stop: StopRequest) -> tuple[torch.Tenso
     images = batch["images"].to(run.device, non_blocking=True)
     labels = batch["labels"].to(run.device, non_blocking=True)
 
-    with autocast(run.device, t.amp):
-        out = run.net(images, labels)
-    loss, terms = compute_loss(out, labels, ignore_index=run.cfg.data.ignore_index, class_weights=run.class_weights,
-                               ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
+    loss, terms = run.forward(images, labels)
     flags = agree_on_stop(loss, stop.signal != 0)
     if flags.nonfinite_loss:
         values = ", ".join(f"{k}={float(v):.6g}" for k, v in terms.items())
