@@ -376,3 +376,22 @@ def test_mit_b0_computes_segformer_mix_transformer_in_float64():
             embed = body.patch_embed if i == 0 else stage.downsample
             expected = _mit_stage_transcription(expected, embed, stage.blocks, stage.norm, heads, sr)
             torch.testing.assert_close(ours[i], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_of_channels_last_logits_is_that_of_their_nchw_copy(weighted):
+    # the prototype classifier's logits are a channels-last view; the loss takes their rows
+    from protoseg.models.segmentor import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2 * 5 * 6, 7, generator=g, dtype=torch.float64)
+    logits = rows.view(2, 5, 6, 7).permute(0, 3, 1, 2).requires_grad_()
+    assert logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+    labels = torch.randint(0, 7, (2, 5, 6), generator=g)
+    labels[0, :2] = 255
+    kwargs = {"ignore_index": 255, "weight": torch.rand(7, generator=g, dtype=torch.float64) if weighted else None}
+    nchw = logits.detach().contiguous().requires_grad_()
+    loss, expected = cross_entropy(logits, labels, **kwargs), torch.nn.functional.cross_entropy(nchw, labels, **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    loss.backward(), expected.backward()
+    torch.testing.assert_close(logits.grad, nchw.grad, rtol=1e-12, atol=1e-15)

@@ -70,12 +70,22 @@ def compute_loss(out: dict[str, Tensor], labels: Tensor, *, ignore_index: int = 
     """seg cross-entropy (+ ppc_weight * PPC + ppd_weight * PPD when present).
 
     Returns (total, terms) where terms maps "seg", "ppc", "ppd" to detached scalars."""
-    seg = F.cross_entropy(out["logits"].float(), labels, weight=class_weights, ignore_index=ignore_index)
+    seg = cross_entropy(out["logits"].float(), labels, weight=class_weights, ignore_index=ignore_index)
     total, terms = seg, {"seg": seg.detach()}
     if "ppc" in out:
         total = total + ppc_weight * out["ppc"] + ppd_weight * out["ppd"]
         terms.update(ppc=out["ppc"].detach(), ppd=out["ppd"].detach())
     return total, terms
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, **kwargs) -> Tensor:
+    """F.cross_entropy over the classes of logits [B, K, H, W]. Channels-last logits (the
+    prototype classifier's, and any model's under train.channels_last) are taken as their rows
+    [B*H*W, K], the same loss: ATen's log_softmax would first copy them to NCHW, which at K = 847
+    is a pass over hundreds of MB."""
+    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        return F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1), **kwargs)
+    return F.cross_entropy(logits, labels, **kwargs)
 
 
 def build_model(cfg: Config) -> Segmentor:
