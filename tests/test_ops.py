@@ -969,3 +969,19 @@ def test_autocast_runs_the_pixel_ops_in_the_dtype_of_x(x_dtype):
             expected.float().sum().backward()
             assert wa.grad.dtype == torch.float32 and torch.equal(wa.grad, we.grad), name
             assert torch.equal(ba.grad, be.grad), name
+
+
+@pytest.mark.parametrize("op", ["proto_similarity", "proto_train"])
+def test_flop_counter_counts_the_ops_gemms_as_for_the_reference(op):
+    # torch.utils.flop_counter sees the reference's matmuls; our ops declare theirs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    x, prototypes = torch.randn(50, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    args = (x, prototypes) if op == "proto_similarity" else (x, prototypes, torch.randint(0, 3, (50,), generator=g), 0.1)
+    counts = []
+    for fn in (getattr(ops, op), getattr(ref, op)):
+        with FlopCounterMode(display=False) as counter:
+            fn(*args)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == (1 if op == "proto_similarity" else 2) * 2 * 50 * 8 * 12

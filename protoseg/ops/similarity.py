@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils.flop_counter import register_flop_formula
 
 from protoseg.ops._registration import (
     autocast_to_x_dtype,
@@ -234,6 +235,22 @@ for _name in ("proto_similarity", "proto_train"):
     autocast_to_x_dtype(f"protoseg::{_name}")
 for _name in ("proto_similarity_backward", "proto_train_backward"):
     forbid_double_backward(f"protoseg::{_name}")
+
+
+# FLOPs for torch.utils.flop_counter, which cannot see inside the ops: their GEMMs over the
+# [N, D] x [D, K*M] products, 2*N*D*K*M each (one in proto_similarity, two in proto_train; their
+# backwards gather and scale rows, no GEMM). The element-wise epilogues are not counted, as the
+# counter counts no element-wise ATen op either.
+def _gemm_flops(gemms: int):
+    def flops(x_shape, prototypes_shape, *args, out_shape=None, **kwargs) -> int:
+        (n, d), (k, m, _) = x_shape, prototypes_shape
+        return gemms * 2 * n * d * k * m
+
+    return flops
+
+
+register_flop_formula(_ops.proto_similarity)(_gemm_flops(1))
+register_flop_formula(_ops.proto_train)(_gemm_flops(2))
 
 
 # ---- fake kernels (see _registration.py) ----
