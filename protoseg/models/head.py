@@ -5,9 +5,16 @@ it into torchvision, transformers and segmentation_models_pytorch models).
 The functions below are the one place where feature maps become pixel rows and back, labels
 are brought to feature resolution, and the classifier's inference and training passes are
 applied to maps: Segmentor (segmentor.py) and PrototypeHead both call them.
+
+Under autocast (train.amp) the projection and the classifier still compute in float32: the
+cosines are divided by the temperature (0.1), which magnifies bf16's rounding tenfold. With
+them in bf16 too, the DigitScenes demo lost 1.2 and 1.4 points of val mIoU (two seeds) against
+float32; with them in float32 it lost none (docs/performance.md#the-demo-end-to-end).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +45,16 @@ class ProjectionHead(nn.Module):
         self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)
+        with float32(x):
+            x = self.mlp(x.float())
         return F.normalize(x, p=2, dim=-1) if self.kind == "released" else x
+
+
+def float32(x: Tensor):
+    """Autocast off where it is on (see the module docstring); nothing otherwise, so that a
+    float32 model exports as it traces."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def to_pixels(x: Tensor) -> Tensor:
@@ -63,8 +78,9 @@ def classify(classifier: PrototypeClassifier, e: Tensor) -> dict[str, Tensor]:
     "embedding" the unit pixel embeddings (C = D), "similarity" each class's best cosine (C = K),
     "nearest" int64 the index of that class's nearest prototype (C = K), "logits" (C = K)."""
     b, _, h, w = e.shape
-    x_hat, similarity, nearest = classifier.similarity(to_pixels(e))
-    logits = classifier.mask_norm(similarity)
+    with float32(e):
+        x_hat, similarity, nearest = classifier.similarity(to_pixels(e.float()))
+        logits = classifier.mask_norm(similarity)
     return {name: to_maps(t, b, h, w) for name, t in
             (("embedding", x_hat), ("similarity", similarity), ("nearest", nearest), ("logits", logits))}
 
@@ -75,7 +91,8 @@ def train_classifier(classifier: PrototypeClassifier, e: Tensor, labels: Tensor)
     prototypes are updated in place."""
     b, _, h, w = e.shape
     target = downsample_labels(labels, (h, w))
-    scores, ppc, ppd = classifier(to_pixels(e), target.view(-1))
+    with float32(e):
+        scores, ppc, ppd = classifier(to_pixels(e.float()), target.view(-1))
     return to_maps(scores, b, h, w), ppc, ppd
 
 
@@ -103,7 +120,7 @@ class PrototypeHead(nn.Module):
 
     A training-mode forward remembers its embeddings; ``loss(labels)`` (labels [B, H, W] at
     image resolution, any integer dtype) returns (PPC, PPD) and moves the prototypes, once per
-    forward, under the autocast state the forward ran in. The forward cannot know the labels, so
+    forward. The forward cannot know the labels, so
     it computes the logits with the inference pass (one pixel x prototype GEMM) and loss() runs
     the fused training pass (two more GEMMs): three GEMMs where Segmentor needs two. Calling
     ``set_labels(labels)`` before the forward avoids the third: the forward then runs the fused
@@ -130,7 +147,6 @@ class PrototypeHead(nn.Module):
         self._labels: Tensor | None = None  # given by set_labels for the next forward
         self._embeddings: Tensor | None = None  # the last training forward's, until loss()
         self._losses: tuple[Tensor, Tensor] | None = None  # the fused pass's, until loss()
-        self._autocast: tuple[bool, torch.dtype] | None = None
         self._spent = False  # loss() already ran for the last training forward
 
     def forward(self, features: Tensor) -> Tensor:
@@ -147,9 +163,7 @@ class PrototypeHead(nn.Module):
             logits, ppc, ppd = train_classifier(self.classifier, e, labels)
             self._embeddings, self._losses = None, (ppc, ppd)
             return logits
-        device = e.device.type
         self._embeddings, self._losses = e, None
-        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return classify(self.classifier, e)["logits"]
 
     def set_labels(self, labels: Tensor) -> None:
@@ -174,9 +188,7 @@ class PrototypeHead(nn.Module):
             raise ValueError("PrototypeHead.loss needs labels [B, H, W] (none were given to set_labels())")
         self._check_labels(labels, self._embeddings)  # before anything changes: a rejected call can be retried
         e, self._embeddings, self._spent = self._embeddings, None, True
-        enabled, dtype = self._autocast
-        with torch.autocast(e.device.type, dtype=dtype, enabled=enabled):
-            _, ppc, ppd = train_classifier(self.classifier, e, labels)
+        _, ppc, ppd = train_classifier(self.classifier, e, labels)
         return ppc, ppd
 
     @staticmethod
