@@ -134,10 +134,23 @@ def test_report_json_and_markdown_name_the_failed_step(tmp_path):
              "mIoU": 0.41234}
     cpu = {"iterations": 120, "seconds": 60.0, "iterations_per_s": 2.0, "steady_iterations_per_s": 2.5,
            "mIoU": None}
+    figures = lambda img_s, mb: {"step_s": 2 / img_s, "images_per_s": img_s, "gflop_per_image": 1.0,  # noqa: E731
+                                 "peak_mb": mb}
+    train_step = {"machine": "x", "records": [
+        {"config": "ade20k_full_hrnet48", "K": 847, "setting": "fp32", "batch": 2, "crop": 512, "device": "cuda",
+         "models": {"protoseg": figures(20.0, 1300), "released": figures(8.0, 2000), "softmax": figures(30.0, 1000)},
+         "ratios": {"step_s": {"protoseg/softmax": 1.5, "released/protoseg": 2.5},
+                    "gflop_per_image": {"protoseg/softmax": 1.63, "released/protoseg": 1.2},
+                    "peak_mb": {"protoseg/softmax": 1.3, "released/protoseg": 1.54}}},
+        {"config": "ade20k_full_hrnet48", "K": 847, "setting": "compiled-bf16-cl", "batch": 2, "crop": 512,
+         "device": "cuda", "models": {"protoseg": figures(40.0, 700), "softmax": figures(50.0, 600)},
+         "ratios": {"step_s": {"protoseg/softmax": 1.25}, "gflop_per_image": {"protoseg/softmax": 1.63},
+                    "peak_mb": {"protoseg/softmax": 1.17}}}]}
     steps = [_result("build", "passed", {"architecture": "9.0"}),
              _result("test_cuda", "failed",
                      {"tests": 10, "failures": 2, "errors": 0, "skipped": 1, "passed": 7}),
              _result("bench_cuda", "passed", bench),
+             _result("bench_train_step", "stopped", train_step, note="stopped at its time limit of 60 s"),
              _result("train_gpu_fp32", "passed", train),
              _result("train_cpu_fp32", "stopped", cpu, note="stopped at its time limit of 60 s"),
              _result("sanitizer_racecheck", "skipped", note="compute-sanitizer not found")]
@@ -145,13 +158,15 @@ def test_report_json_and_markdown_name_the_failed_step(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "failed"
     assert report["machine"] == MACHINE and report["steps"] == steps
-    assert report["duration_s"] == 75.0
+    assert report["duration_s"] == 87.5
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# protoseg gpu-check: failed\n")
     assert "NVIDIA H200 (compute capability 9.0" in md and "torch 2.11.0+cu128, CUDA 12.8" in md
     assert "| test_cuda | failed | 12.5 | 60 |" in md
     assert "| test_cuda | 7 | 2 | 0 | 1 |" in md
     assert "| float32 | 190 | similarity | 2.500 | gemm1 | 1.25x | 1280 | 116.0 |" in md
+    assert "| ade20k_full_hrnet48 | 847 | fp32 | 20.00 | 8.00 | 30.00 | 1.50x | 2.50x | 1.63x | 1300 / 2000 / 1000 |" in md
+    assert "| ade20k_full_hrnet48 | 847 | compiled-bf16-cl | 40.00 |  | 50.00 | 1.25x |  | 1.63x | 700 / - / 600 |" in md
     # 50 it/s against the CPU's 2.5 after the first logged step
     assert "| train_gpu_fp32 | passed | 200 | 5.0 | 40.0 | 50.0 | 20.0x | 0.4123 |" in md
     assert "| train_cpu_fp32 | stopped | 120 | 60.0 | 2.0 | 2.5 | 1.0x | none (not evaluated) |" in md
