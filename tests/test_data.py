@@ -7,7 +7,7 @@ import torch
 
 from protoseg.data import digitscenes
 from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
-from protoseg.data.loader import TrainSampler, collate
+from protoseg.data.loader import TrainSampler, _worker_init, collate
 from protoseg.data.transforms import EvalTransform, TrainTransform, random_crop
 
 MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
@@ -170,6 +170,23 @@ def test_train_sampler_resumes_and_shards_global_batches():
         assert r0[2 * j:2 * j + 2] + r1[2 * j:2 * j + 2] == full[4 * j:4 * j + 4]
     with pytest.raises(ValueError, match="divisible"):
         TrainSampler(10, 3, seed=0, rank=0, world_size=2)
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        threads = len(os.listdir("/proc/self/task"))
+        cv2.resize(np.zeros((256, 256, 3), np.uint8), (512, 512))  # starts OpenCV's pool if it has one
+        return cv2.getNumThreads(), len(os.listdir("/proc/self/task")) - threads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_loader_workers_run_opencv_on_one_thread():
+    loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=1,
+                                         worker_init_fn=_worker_init)
+    assert list(loader) == [[1, 0]]  # one OpenCV thread, and resizing started no other
 
 
 @pytest.mark.parametrize("dataset,image,label", [
