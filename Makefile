@@ -54,7 +54,7 @@ test: build
 	# The slowest tests are listed at the end, so a CI log shows where its minutes went.
 	$(PY) -m pytest -q tests --durations=25
 	# The benchmarks at toy sizes: they still check agreement and must keep running.
-	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 PROTOSEG_BENCH_CAMVID=2,64 $(PY) -m pytest -q benchmarks
+	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 PROTOSEG_BENCH_CAMVID=2,64 PROTOSEG_BENCH_PIPELINE_SCALE=0.125 $(PY) -m pytest -q benchmarks
 
 # The CUDA checks alone (no GPU needed): cubins, CUDA registrations, spills, the kernels on the
 # CPU grid executor, ThreadSanitizer. `make test` runs them too.

@@ -1,0 +1,151 @@
+"""One DataLoader worker's throughput on the training data: each sample read and transformed by
+the data set `build_train_loader` builds (SegmentationDataset with TrainTransform: decode, label
+checks, random scale, crop, flip, photometric distortion, to tensors), one at a time in this
+process, with OpenCV on one thread as `_worker_init` sets it in a worker.
+
+Data: synthetic scenes written to a temporary folder in each data set's layout and file format
+(protoseg/data/datasets.py's split_layout), at the sizes and settings of the paper's configs:
+
+- cityscapes: 2048x1024 PNG images and PNG train-id labels; configs/cityscapes_hrnet48_protoseg.yaml
+  (crop 1024x512, scale 0.5-2, flip, photometric distortion);
+- ade20k: 683x512 JPEG images and PNG labels (0 = other); configs/ade20k_hrnet48_protoseg.yaml
+  (crop 512x512, scale 0.5-2, flip, photometric distortion).
+
+A scene is a smooth colour field with pixel noise (so that PNG and JPEG compress it as they do a
+photograph, not as flat colour or pure noise) and a label map of 32x32-pixel blocks; the summary
+gives the files' sizes, since decoding time follows them. A round is SAMPLES samples, different
+draws of scale, crop, flip and jitter, the same ones in every round; images/s per worker is
+SAMPLES over a round's mean time.
+
+Against the step: one GPU's step takes the config's batch_size / GPUS crops (its runs are
+torchrun --nproc-per-node=4), so n workers keep up with steps as short as
+crops / (n x images/s per worker); the summary gives that for one worker and for the config's
+data.num_workers.
+
+Groups: "data pipeline: <data set>" times the transform; "data pipeline: OpenCV threads" times
+cityscapes with OpenCV on one thread (baseline) and on its default pool of one thread per core,
+what a worker used before `_worker_init` set one thread (the outputs are checked to be equal).
+
+Sizes: PROTOSEG_BENCH_PIPELINE_SCALE (default 1) scales the images and crops (make test: 0.125).
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import ROUNDS, note, run
+
+from protoseg.config import load_config
+from protoseg.data.datasets import split_layout
+from protoseg.data.loader import build_train_loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCALE = float(os.environ.get("PROTOSEG_BENCH_PIPELINE_SCALE", "1"))
+IMAGES = 4  # files per data set
+SAMPLES = 16  # per round: items (i % IMAGES, epoch i // IMAGES), so every draw differs
+GPUS = 4  # the configs' torchrun --nproc-per-node=4
+# data set: (config, image height and width, image format, label values in the files, their ignore value)
+DATASETS = {"cityscapes": ("cityscapes_hrnet48_protoseg.yaml", (1024, 2048), ".png", 19, 255),
+            "ade20k": ("ade20k_hrnet48_protoseg.yaml", (512, 683), ".jpg", 151, 0)}
+
+
+def _scaled(n: int) -> int:
+    return max(1, round(n * SCALE))
+
+
+def _scene(h: int, w: int, values: int, ignore: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(image [h, w, 3] uint8, label [h, w] uint8 in [0, values), 1 block in 20 `ignore`)."""
+    colours = rng.uniform(0, 255, (h // 64 + 2, w // 64 + 2, 3)).astype(np.float32)
+    image = cv2.resize(colours, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 3, (h, w, 3))
+    blocks = rng.integers(0, values, (h // 32 + 1, w // 32 + 1))
+    blocks[rng.random(blocks.shape) < 0.05] = ignore
+    label = cv2.resize(blocks.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def _write(dataset: str, root: str) -> str:
+    """IMAGES scenes of `dataset` under root, in its layout; returns a line on the file sizes."""
+    _, (h, w), ext, values, ignore = DATASETS[dataset]
+    h, w = _scaled(h), _scaled(w)
+    images, labels, label_suffix, image_suffix = split_layout(dataset, root, "train")
+    rng = np.random.default_rng(0)
+    sizes = []
+    for i in range(IMAGES):
+        image, label = _scene(h, w, values, ignore, rng)
+        paths = (os.path.join(images, "city", f"{i:06d}{image_suffix}{ext}"),
+                 os.path.join(labels, "city", f"{i:06d}{label_suffix}"))
+        os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+        os.makedirs(os.path.dirname(paths[1]), exist_ok=True)
+        cv2.imwrite(paths[0], cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(paths[1], label)
+        sizes.append([os.path.getsize(p) / 1e3 for p in paths])
+    image_kb, label_kb = np.mean(sizes, axis=0)
+    return f"{dataset}: {IMAGES} synthetic {w}x{h} {ext} images of {image_kb:.0f} KB, labels {label_kb:.0f} KB"
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """data set -> (its training data set as build_train_loader builds it, crops per GPU step,
+    the config's workers per GPU)."""
+    out = {}
+    for dataset, (config, *_) in DATASETS.items():
+        root = str(tmp_path_factory.mktemp(dataset))
+        cfg = load_config(os.path.join(ROOT, "configs", config))
+        crops, workers = cfg.train.batch_size // GPUS, cfg.data.num_workers
+        ch, cw = (_scaled(v) for v in cfg.data.crop_size)
+        cfg = load_config(os.path.join(ROOT, "configs", config),
+                          [f"data.root={root}", f"data.crop_size=[{ch},{cw}]", "data.num_workers=0",
+                           f"train.batch_size={IMAGES}"])  # the sampler wants a batch's worth of files
+        note(_write(dataset, root))
+        out[dataset] = build_train_loader(cfg, rank=0, world_size=1, start_iter=0).dataset, crops, workers
+    return out
+
+
+@pytest.fixture(autouse=True)
+def opencv_one_thread():
+    cv2.setNumThreads(1)  # as _worker_init sets it in each DataLoader worker
+    yield
+    cv2.setNumThreads(-1)  # OpenCV's default
+
+
+ITEMS = [(i % IMAGES, i // IMAGES) for i in range(SAMPLES)]
+
+
+def _samples(dataset):
+    return [dataset[item] for item in ITEMS]
+
+
+def _check(samples, crop_size):
+    for image, label, _ in samples:
+        assert image.shape == (3, *crop_size) and image.dtype == torch.float32
+        assert label.shape == crop_size and label.dtype == torch.int64
+
+
+def _per_worker(group: str, name: str, seconds: float, crops: int, workers: int) -> None:
+    rate = SAMPLES / seconds
+    note(f"{group} {name}: {rate:.1f} images/s per worker; a GPU step of {crops} crops is fed by 1 worker "
+         f"if it takes >= {crops / rate * 1e3:.0f} ms, by {workers} if >= {crops / rate / workers * 1e3:.0f} ms")
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_data_pipeline(benchmark, pipelines, dataset):
+    data, crops, workers = pipelines[dataset]
+    _check(_samples(data), data.transform.crop_size)
+    group = f"data pipeline: {dataset}"
+    run(benchmark, group, "current", lambda: _samples(data), baseline="current")
+    _per_worker(group, "current", benchmark.stats.stats.mean, crops, workers)
+
+
+@pytest.mark.parametrize("threads", ["1 thread", "default pool"])
+def test_data_pipeline_opencv_threads(benchmark, pipelines, threads):
+    data = pipelines["cityscapes"][0]
+    expected = _samples(data)
+    if threads == "default pool":
+        cv2.setNumThreads(-1)
+        for (image, label, _), (image_1, label_1, _) in zip(_samples(data), expected):
+            assert torch.equal(image, image_1) and torch.equal(label, label_1), "OpenCV's result depends on its threads"
+    run(benchmark, "data pipeline: OpenCV threads", threads, lambda: _samples(data), baseline="1 thread")
