@@ -22,7 +22,10 @@ torchrun --nproc-per-node=4), so n workers keep up with steps as short as
 crops / (n x images/s per worker); the summary gives that for one worker and for the config's
 data.num_workers.
 
-Groups: "data pipeline: <data set>" times the transform; "data pipeline: OpenCV threads" times
+Groups: "data pipeline: <data set>" times the transform as it is (`current`) against the transform
+as it was before the flip copied, photometric_distortion worked in place and normalize_image
+transposed once (`before`, the baseline, kept in this file only), after checking that the two
+give the same tensors to the bit; "data pipeline: OpenCV threads" times
 cityscapes with OpenCV on one thread (baseline) and on its default pool of one thread per core,
 what a worker used before `_worker_init` set one thread (the outputs are checked to be equal).
 
@@ -31,6 +34,7 @@ Sizes: PROTOSEG_BENCH_PIPELINE_SCALE (default 1) scales the images and crops (ma
 
 from __future__ import annotations
 
+import copy
 import os
 
 import cv2
@@ -42,6 +46,7 @@ from conftest import ROUNDS, note, run
 from protoseg.config import load_config
 from protoseg.data.datasets import split_layout
 from protoseg.data.loader import build_train_loader
+from protoseg.data.transforms import random_crop, random_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = float(os.environ.get("PROTOSEG_BENCH_PIPELINE_SCALE", "1"))
@@ -87,21 +92,27 @@ def _write(dataset: str, root: str) -> str:
     return f"{dataset}: {IMAGES} synthetic {w}x{h} {ext} images of {image_kb:.0f} KB, labels {label_kb:.0f} KB"
 
 
+def make_pipeline(dataset: str, root: str):
+    """(the training data set of `dataset` as build_train_loader builds it, over IMAGES scenes
+    written under root; the crops one GPU's step takes; the config's workers per GPU; a line on
+    the files' sizes)."""
+    config = os.path.join(ROOT, "configs", DATASETS[dataset][0])
+    cfg = load_config(config)
+    crops, workers = cfg.train.batch_size // GPUS, cfg.data.num_workers
+    ch, cw = (_scaled(v) for v in cfg.data.crop_size)
+    cfg = load_config(config, [f"data.root={root}", f"data.crop_size=[{ch},{cw}]", "data.num_workers=0",
+                               f"train.batch_size={IMAGES}"])  # the sampler wants a batch's worth of files
+    files = _write(dataset, root)
+    return build_train_loader(cfg, rank=0, world_size=1, start_iter=0).dataset, crops, workers, files
+
+
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    """data set -> (its training data set as build_train_loader builds it, crops per GPU step,
-    the config's workers per GPU)."""
+    """data set -> make_pipeline's (data set, crops per GPU step, workers per GPU)."""
     out = {}
-    for dataset, (config, *_) in DATASETS.items():
-        root = str(tmp_path_factory.mktemp(dataset))
-        cfg = load_config(os.path.join(ROOT, "configs", config))
-        crops, workers = cfg.train.batch_size // GPUS, cfg.data.num_workers
-        ch, cw = (_scaled(v) for v in cfg.data.crop_size)
-        cfg = load_config(os.path.join(ROOT, "configs", config),
-                          [f"data.root={root}", f"data.crop_size=[{ch},{cw}]", "data.num_workers=0",
-                           f"train.batch_size={IMAGES}"])  # the sampler wants a batch's worth of files
-        note(_write(dataset, root))
-        out[dataset] = build_train_loader(cfg, rank=0, world_size=1, start_iter=0).dataset, crops, workers
+    for dataset in DATASETS:
+        *out[dataset], files = make_pipeline(dataset, str(tmp_path_factory.mktemp(dataset)))
+        note(files)
     return out
 
 
@@ -115,14 +126,60 @@ def opencv_one_thread():
 ITEMS = [(i % IMAGES, i // IMAGES) for i in range(SAMPLES)]
 
 
-def _samples(dataset):
+def samples(dataset):
     return [dataset[item] for item in ITEMS]
 
 
-def _check(samples, crop_size):
-    for image, label, _ in samples:
-        assert image.shape == (3, *crop_size) and image.dtype == torch.float32
-        assert label.shape == crop_size and label.dtype == torch.int64
+def _photometric_before(image, rng):
+    image = image.astype(np.float32)
+    if rng.random() < 0.5:
+        image = image + rng.uniform(-32, 32)
+    if rng.random() < 0.5:
+        image = image * rng.uniform(0.5, 1.5)
+    image = np.clip(image, 0, 255)
+    do_saturation, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_saturation or do_hue:
+        hsv = cv2.cvtColor(image / 255.0, cv2.COLOR_RGB2HSV)
+        if do_saturation:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
+        if do_hue:
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-36, 36)) % 360
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+    return image
+
+
+def _normalize_before(image, mean, std, bgr):
+    image = ((np.asarray(image, np.float32) - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(image[::-1] if bgr else image))
+
+
+def _to_tensors_before(image, label, mean, std, bgr):
+    return _normalize_before(image, mean, std, bgr), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+def before_pipeline(dataset):
+    """The data set with TrainTransform.__call__ as it was: flip as views, the photometric
+    distortion in fresh arrays, normalisation on [H, W, 3] then a transposed copy."""
+    t = dataset.transform
+
+    def transform(image, label, rng):
+        image, label = random_scale(image, label, t.scale_range, rng)
+        image, label = random_crop(image, label, t.crop_size, t.mean, t.ignore_index, rng)
+        if t.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if t.photometric:
+            image = _photometric_before(image, rng)
+        return _to_tensors_before(image, label, t.mean, t.std, t.bgr)
+
+    before = copy.copy(dataset)
+    before.transform = transform
+    return before
+
+
+def _check(samples, expected):
+    for (image, label, _), (image_0, label_0, _) in zip(samples, expected, strict=True):
+        assert image.dtype == image_0.dtype == torch.float32 and label.dtype == label_0.dtype == torch.int64
+        assert torch.equal(image, image_0) and torch.equal(label, label_0)
 
 
 def _per_worker(group: str, name: str, seconds: float, crops: int, workers: int) -> None:
@@ -132,20 +189,23 @@ def _per_worker(group: str, name: str, seconds: float, crops: int, workers: int)
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
-def test_data_pipeline(benchmark, pipelines, dataset):
+@pytest.mark.parametrize("impl", ["before", "current"])
+def test_data_pipeline(benchmark, pipelines, dataset, impl):
     data, crops, workers = pipelines[dataset]
-    _check(_samples(data), data.transform.crop_size)
+    if impl == "before":
+        data = before_pipeline(data)
+    else:  # the same tensors as before
+        _check(samples(data), samples(before_pipeline(data)))
     group = f"data pipeline: {dataset}"
-    run(benchmark, group, "current", lambda: _samples(data), baseline="current")
-    _per_worker(group, "current", benchmark.stats.stats.mean, crops, workers)
+    run(benchmark, group, impl, lambda: samples(data), baseline="before")
+    _per_worker(group, impl, benchmark.stats.stats.mean, crops, workers)
 
 
 @pytest.mark.parametrize("threads", ["1 thread", "default pool"])
 def test_data_pipeline_opencv_threads(benchmark, pipelines, threads):
     data = pipelines["cityscapes"][0]
-    expected = _samples(data)
+    expected = samples(data)
     if threads == "default pool":
         cv2.setNumThreads(-1)
-        for (image, label, _), (image_1, label_1, _) in zip(_samples(data), expected):
-            assert torch.equal(image, image_1) and torch.equal(label, label_1), "OpenCV's result depends on its threads"
-    run(benchmark, "data pipeline: OpenCV threads", threads, lambda: _samples(data), baseline="1 thread")
+        _check(samples(data), expected)  # OpenCV's results do not depend on its threads
+    run(benchmark, "data pipeline: OpenCV threads", threads, lambda: samples(data), baseline="1 thread")

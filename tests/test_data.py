@@ -8,7 +8,7 @@ import torch
 from protoseg.data import digitscenes
 from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
 from protoseg.data.loader import TrainSampler, _worker_init, collate
-from protoseg.data.transforms import EvalTransform, TrainTransform, random_crop
+from protoseg.data.transforms import EvalTransform, TrainTransform, normalize_image, random_crop, wrap_hue
 
 MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
 
@@ -153,6 +153,27 @@ def test_train_transform_shapes_and_ignore_padding():
     assert set(label.unique().tolist()) <= {1, 255}
     image, label = random_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (4, 4), MEAN, 255, rng)
     assert (label == 255).sum() == 12 and np.allclose(image[3, 3], MEAN)
+
+
+def test_wrap_hue_gives_the_floats_of_remainder():
+    rng = np.random.default_rng(0)
+    edges = [np.nextafter(np.float32(v), np.float32(d)) for v in (-360, -36, 0, 360, 396, 720) for d in (-1e9, 1e9)]
+    hue = np.concatenate([np.float32([-359.5, 0, 359.99997, 360, 719.5]), np.float32(edges[1:-1]),
+                          -np.logspace(-45, 2.5, 2000, dtype=np.float32),  # tiny negatives: + 360 rounds to 360
+                          360 + np.logspace(-5, 2.5, 2000, dtype=np.float32),
+                          rng.uniform(-360, 720, 100_000).astype(np.float32)])
+    wrapped = hue.copy()
+    wrap_hue(wrapped)
+    np.testing.assert_array_equal(wrapped.view(np.uint32), np.remainder(hue, 360).view(np.uint32))
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_normalize_image_is_the_formula_to_the_bit(bgr, dtype):
+    rgb = (np.random.default_rng(0).random((7, 9, 3)) * 255).astype(dtype)[:, ::-1]  # any strides
+    expected = ((torch.from_numpy(rgb.copy()).float() - torch.from_numpy(MEAN)) / torch.from_numpy(STD)).permute(2, 0, 1)
+    image = normalize_image(rgb, MEAN, STD, bgr)
+    assert image.is_contiguous() and torch.equal(image, expected.flip(0) if bgr else expected)
 
 
 def test_train_sampler_resumes_and_shards_global_batches():

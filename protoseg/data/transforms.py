@@ -31,7 +31,9 @@ class TrainTransform:
         image, label = random_scale(image, label, self.scale_range, rng)
         image, label = random_crop(image, label, self.crop_size, self.mean, self.ignore_index, rng)
         if self.flip and rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
+            # Copies, not [:, ::-1] views: numpy runs every later pass over a negative-stride view
+            # (the float conversion, the labels' int64 copy) element by element, without SIMD.
+            image, label = cv2.flip(image, 1), cv2.flip(label, 1)
         if self.photometric:
             image = photometric_distortion(image, rng)
         return to_tensors(image, label, self.mean, self.std, self.bgr)
@@ -87,30 +89,52 @@ def random_crop(image, label, crop_size, mean, ignore_index, rng):
 
 
 def photometric_distortion(image, rng):
-    """Brightness, contrast, saturation and hue jitter, each applied with probability 1/2."""
+    """Brightness, contrast, saturation and hue jitter, each applied with probability 1/2:
+    [H, W, 3] RGB 0-255 -> a new [H, W, 3] float32 array (the arithmetic is in place on it)."""
     image = image.astype(np.float32)
     if rng.random() < 0.5:
-        image = image + rng.uniform(-32, 32)
+        image += rng.uniform(-32, 32)
     if rng.random() < 0.5:
-        image = image * rng.uniform(0.5, 1.5)
-    image = np.clip(image, 0, 255)
+        image *= rng.uniform(0.5, 1.5)
+    np.clip(image, 0, 255, out=image)
     do_saturation, do_hue = rng.random() < 0.5, rng.random() < 0.5
     if do_saturation or do_hue:
-        hsv = cv2.cvtColor(image / 255.0, cv2.COLOR_RGB2HSV)  # float: H in [0, 360), S, V in [0, 1]
+        image /= 255.0
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)  # float: H in [0, 360), S, V in [0, 1]
         if do_saturation:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
+            saturation = hsv[..., 1]
+            saturation *= rng.uniform(0.5, 1.5)
+            np.clip(saturation, 0, 1, out=saturation)
         if do_hue:
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-36, 36)) % 360
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+            hue = hsv[..., 0]
+            hue += rng.uniform(-36, 36)
+            wrap_hue(hue)
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        image *= 255.0
     return image
 
 
+def wrap_hue(hue: np.ndarray) -> None:
+    """hue % 360 in place, for hue in [-360, 720): the floats np.remainder gives (360 for a tiny
+    negative hue too), without np.remainder's division. -0.0 stays -0.0 (np.remainder: +0.0);
+    a hue in [0, 360) plus a nonzero offset is never -0.0."""
+    np.subtract(hue, 360, out=hue, where=hue >= 360)
+    np.add(hue, 360, out=hue, where=hue < 0)
+
+
 def to_tensors(image, label, mean, std, bgr=False):
-    return normalize_image(image, mean, std, bgr), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    return normalize_image(image, mean, std, bgr), torch.from_numpy(label.astype(np.int64, order="C"))
 
 
 def normalize_image(image, mean, std, bgr=False) -> torch.Tensor:
     """[H, W, 3] RGB (0-255) -> [3, H, W] float32, (image - mean) / std with mean and std in RGB
     order; with `bgr` the channels are then reversed (B, G, R)."""
-    image = ((np.asarray(image, np.float32) - mean) / std).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(image[::-1] if bgr else image))
+    channels = np.asarray(image).transpose(2, 0, 1)
+    if bgr:
+        channels, mean, std = channels[::-1], mean[::-1], std[::-1]
+    # One transposing copy into float32, then in place: the same float32 operations as
+    # (x - mean) / std on [H, W, 3], without two fresh arrays and a second, transposing copy.
+    out = np.array(channels, np.float32, order="C")
+    out -= mean[:, None, None]
+    out /= std[:, None, None]
+    return torch.from_numpy(out)
