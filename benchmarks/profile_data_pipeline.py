@@ -47,7 +47,7 @@ def _cumulative(profile: cProfile.Profile) -> dict[str, float]:
 
 
 def main(passes: int) -> None:
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)  # serial, as _worker_init sets it in a DataLoader worker
     print(machine(), "; OpenCV threads:", cv2.getNumThreads(), flush=True)
     for dataset in DATASETS:
         current, crops, workers, files = make_pipeline(dataset, tempfile.mkdtemp(prefix=f"{dataset}_"))

@@ -118,7 +118,7 @@ def pipelines(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def opencv_one_thread():
-    cv2.setNumThreads(1)  # as _worker_init sets it in each DataLoader worker
+    cv2.setNumThreads(0)  # as _worker_init sets it in each DataLoader worker: serial
     yield
     cv2.setNumThreads(-1)  # OpenCV's default
 

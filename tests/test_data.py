@@ -1,4 +1,5 @@
 import os
+import signal
 
 import cv2
 import numpy as np
@@ -203,11 +204,25 @@ class _OpenCVThreads(torch.utils.data.Dataset):
         return cv2.getNumThreads(), len(os.listdir("/proc/self/task")) - threads
 
 
+def _worker_init_or_die(worker_id):
+    signal.alarm(30)  # a worker hung in _worker_init dies (and the loader raises) instead of outliving the test
+    _worker_init(worker_id)
+    signal.alarm(0)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_loader_workers_run_opencv_on_one_thread():
-    loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=1,
-                                         worker_init_fn=_worker_init)
-    assert list(loader) == [[1, 0]]  # one OpenCV thread, and resizing started no other
+    # This process starts OpenCV's pool first, as a trainer's may (generating DigitScenes): the
+    # workers fork with its state but not its threads, and must not stop them (a worker calling
+    # cv2.setNumThreads(1) waits forever to join them).
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((256, 256, 3), np.uint8), (512, 512))
+    try:
+        loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=1,
+                                             worker_init_fn=_worker_init_or_die)
+        assert list(loader) == [[1, 0]]  # one OpenCV thread, and resizing started no other
+    finally:
+        cv2.setNumThreads(-1)  # OpenCV's default
 
 
 @pytest.mark.parametrize("dataset,image,label", [

@@ -57,7 +57,10 @@ def _worker_init(worker_id: int) -> None:
     # One OpenCV thread per worker, as DataLoader already sets torch's: the workers are the
     # parallelism. OpenCV's default is a pool of one thread per core in every worker (resize and
     # cvtColor use it), num_workers x cores threads contending with the training process.
-    cv2.setNumThreads(1)
+    # 0, not 1: 1 stops the pool's threads, and where this process forked from one whose pool
+    # had started, it waits forever to join threads it does not have (OpenCV's pthreads
+    # backend); 0 runs everything serially without touching the pool.
+    cv2.setNumThreads(0)
 
 
 def collate(items):
