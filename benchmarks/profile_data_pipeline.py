@@ -28,8 +28,7 @@ from test_data_pipeline import DATASETS, ITEMS, before_pipeline, make_pipeline  
 STAGES = {
     "decode image": ("read_image", "read_image", None),
     "decode label, checks": ("load", "load", "decode image"),
-    "random scale": ("random_scale", "random_scale", None),
-    "crop": ("random_crop", "random_crop", None),
+    "scale and crop": ("_scale_crop_before", "random_scale_crop", None),
     "flip": (None, "flip", None),  # before: [:, ::-1] views, no work until the later passes
     "photometric": ("_photometric_before", "photometric_distortion", None),
     "normalise": ("_normalize_before", "normalize_image", None),

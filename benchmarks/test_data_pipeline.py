@@ -23,9 +23,10 @@ crops / (n x images/s per worker); the summary gives that for one worker and for
 data.num_workers.
 
 Groups: "data pipeline: <data set>" times the transform as it is (`current`) against the transform
-as it was before the flip copied, photometric_distortion worked in place and normalize_image
-transposed once (`before`, the baseline, kept in this file only), after checking that the two
-give the same tensors to the bit; "data pipeline: OpenCV threads" times
+as it was before random_scale_crop computed only the crop, the flip copied, photometric_distortion
+worked in place and normalize_image transposed once (`before`, the baseline, kept in this file
+only), after checking that the two give the same labels to the bit, and without the photometric
+distortion images within 1 of 255 per value; "data pipeline: OpenCV threads" times
 cityscapes with OpenCV on one thread (baseline) and on its default pool of one thread per core,
 what a worker used before `_worker_init` set one thread (the outputs are checked to be equal).
 
@@ -35,6 +36,7 @@ Sizes: PROTOSEG_BENCH_PIPELINE_SCALE (default 1) scales the images and crops (ma
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import cv2
@@ -46,7 +48,6 @@ from conftest import ROUNDS, note, run
 from protoseg.config import load_config
 from protoseg.data.datasets import split_layout
 from protoseg.data.loader import build_train_loader
-from protoseg.data.transforms import random_crop, random_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = float(os.environ.get("PROTOSEG_BENCH_PIPELINE_SCALE", "1"))
@@ -130,6 +131,23 @@ def samples(dataset):
     return [dataset[item] for item in ITEMS]
 
 
+def _scale_crop_before(image, label, t, rng):
+    scale = rng.uniform(*t.scale_range)
+    h, w = label.shape
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    ch, cw = t.crop_size
+    h, w = label.shape
+    if h < ch or w < cw:
+        ph, pw = max(ch - h, 0), max(cw - w, 0)
+        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=[float(v) for v in t.mean])
+        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=t.ignore_index)
+        h, w = label.shape
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
 def _photometric_before(image, rng):
     image = image.astype(np.float32)
     if rng.random() < 0.5:
@@ -158,13 +176,13 @@ def _to_tensors_before(image, label, mean, std, bgr):
 
 
 def before_pipeline(dataset):
-    """The data set with TrainTransform.__call__ as it was: flip as views, the photometric
-    distortion in fresh arrays, normalisation on [H, W, 3] then a transposed copy."""
+    """The data set with TrainTransform.__call__ as it was: the whole pair scaled then cropped,
+    flip as views, the photometric distortion in fresh arrays, normalisation on [H, W, 3] then a
+    transposed copy."""
     t = dataset.transform
 
     def transform(image, label, rng):
-        image, label = random_scale(image, label, t.scale_range, rng)
-        image, label = random_crop(image, label, t.crop_size, t.mean, t.ignore_index, rng)
+        image, label = _scale_crop_before(image, label, t, rng)
         if t.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         if t.photometric:
@@ -176,10 +194,23 @@ def before_pipeline(dataset):
     return before
 
 
-def _check(samples, expected):
-    for (image, label, _), (image_0, label_0, _) in zip(samples, expected, strict=True):
+def _check(got, expected, image_levels: float | None = 0.0, std=None):
+    """Labels to the bit; images to the bit (image_levels 0), within image_levels of 0-255 (std:
+    the normalisation's), or not compared (None)."""
+    for (image, label, _), (image_0, label_0, _) in zip(got, expected, strict=True):
         assert image.dtype == image_0.dtype == torch.float32 and label.dtype == label_0.dtype == torch.int64
-        assert torch.equal(image, image_0) and torch.equal(label, label_0)
+        assert torch.equal(label, label_0)
+        if image_levels == 0:
+            assert torch.equal(image, image_0)
+        elif image_levels is not None:
+            levels = (image - image_0).abs() * torch.from_numpy(std)[:, None, None]
+            assert levels.max() <= image_levels * (1 + 1e-5), levels.max()
+
+
+def _without_photometric(dataset):
+    plain = copy.copy(dataset)
+    plain.transform = dataclasses.replace(dataset.transform, photometric=False)
+    return plain
 
 
 def _per_worker(group: str, name: str, seconds: float, crops: int, workers: int) -> None:
@@ -194,8 +225,11 @@ def test_data_pipeline(benchmark, pipelines, dataset, impl):
     data, crops, workers = pipelines[dataset]
     if impl == "before":
         data = before_pipeline(data)
-    else:  # the same tensors as before
-        _check(samples(data), samples(before_pipeline(data)))
+    else:  # labels to the bit; images within 1 of 255 (random_scale_crop's bound, proved in
+        # tests/test_data.py), checked without the photometric distortion, whose gains multiply it
+        _check(samples(data), samples(before_pipeline(data)), image_levels=None)
+        plain = _without_photometric(data)
+        _check(samples(plain), samples(before_pipeline(plain)), image_levels=1, std=data.transform.std)
     group = f"data pipeline: {dataset}"
     run(benchmark, group, impl, lambda: samples(data), baseline="before")
     _per_worker(group, impl, benchmark.stats.stats.mean, crops, workers)

@@ -9,7 +9,7 @@ import torch
 from protoseg.data import digitscenes
 from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
 from protoseg.data.loader import TrainSampler, _worker_init, collate
-from protoseg.data.transforms import EvalTransform, TrainTransform, normalize_image, random_crop, wrap_hue
+from protoseg.data.transforms import EvalTransform, TrainTransform, normalize_image, random_scale_crop, wrap_hue
 
 MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
 
@@ -152,8 +152,45 @@ def test_train_transform_shapes_and_ignore_padding():
     assert image.shape == (3, 24, 40) and image.dtype == torch.float32
     assert label.shape == (24, 40) and label.dtype == torch.int64
     assert set(label.unique().tolist()) <= {1, 255}
-    image, label = random_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (4, 4), MEAN, 255, rng)
+    image, label = random_scale_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (1.0, 1.0), (4, 4),
+                                     MEAN, 255, rng)
     assert (label == 255).sum() == 12 and np.allclose(image[3, 3], MEAN)
+
+
+def _resize_then_crop(image, label, scale_range, crop_size, mean, ignore_index, rng):
+    """random_scale_crop's spec: the whole pair resized, padded, then cropped."""
+    scale = rng.uniform(*scale_range)
+    h, w = label.shape
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    ch, cw = crop_size
+    ph, pw = max(ch - size[1], 0), max(cw - size[0], 0)
+    image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=[float(v) for v in mean])
+    label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore_index)
+    y, x = int(rng.integers(0, label.shape[0] - ch + 1)), int(rng.integers(0, label.shape[1] - cw + 1))
+    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+@pytest.mark.parametrize("label_dtype,ignore", [(np.uint8, 255), (np.int32, 65535)])
+def test_random_scale_crop_is_resize_then_crop(label_dtype, ignore):
+    # Pure noise, the worst case for the image: its values jump by up to 255 between pixels.
+    rng = np.random.default_rng(0)
+    differing = []
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        crop = tuple(int(v) for v in rng.integers(1, 200, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 1000, (h, w)).astype(label_dtype)
+        scales, seed = (0.25, 3.0), int(rng.integers(1 << 31))
+        got = random_scale_crop(image, label, scales, crop, MEAN, ignore, np.random.default_rng(seed))
+        expected = _resize_then_crop(image, label, scales, crop, MEAN, ignore, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got[1], expected[1], strict=True)  # labels to the bit
+        assert got[0].shape == expected[0].shape and got[0].dtype == np.uint8
+        difference = np.abs(got[0].astype(int) - expected[0])
+        assert difference.max() <= 1  # image within 1 of 255
+        differing.append(difference.mean())
+    assert np.mean(differing) < 0.2  # the pixels one apart are a minority
 
 
 def test_wrap_hue_gives_the_floats_of_remainder():

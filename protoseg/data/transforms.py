@@ -28,8 +28,8 @@ class TrainTransform:
     bgr: bool = False  # the network takes the channels as B, G, R
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        image, label = random_scale(image, label, self.scale_range, rng)
-        image, label = random_crop(image, label, self.crop_size, self.mean, self.ignore_index, rng)
+        image, label = random_scale_crop(image, label, self.scale_range, self.crop_size, self.mean,
+                                         self.ignore_index, rng)
         if self.flip and rng.random() < 0.5:
             # Copies, not [:, ::-1] views: numpy runs every later pass over a negative-stride view
             # (the float conversion, the labels' int64 copy) element by element, without SIMD.
@@ -64,28 +64,37 @@ def normalization(cfg) -> dict:
             "std": np.asarray(cfg.data.std, np.float32)[order], "bgr": bgr}
 
 
-def random_scale(image, label, scale_range, rng):
-    scale = rng.uniform(*scale_range)
+def random_scale_crop(image, label, scale_range, crop_size, mean, ignore_index, rng):
+    """A random crop (height, width) of (image, label) resized by a random scale, padded with the
+    mean colour and ignore where the scaled pair is smaller than the crop.
+
+    Only the crop is computed, not the whole scaled pair (a 2048x1024 image at scale 2 is 16x
+    the pixels of a 1024x512 crop). The labels are bitwise those of cv2.resize INTER_NEAREST
+    then cropping; the image is the bilinear resample cv2.resize INTER_LINEAR computes, from
+    warpAffine at the same source positions, within 1 of it per uint8 value (the two round their
+    weights differently: tests/test_data.py).
+    """
     h, w = label.shape
-    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))  # cv2 wants (w, h)
-    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
-    return image, label
-
-
-def random_crop(image, label, crop_size, mean, ignore_index, rng):
-    """Crop (height, width); smaller images are padded with the mean colour and ignore."""
     ch, cw = crop_size
-    h, w = label.shape
-    if h < ch or w < cw:
-        ph, pw = max(ch - h, 0), max(cw - w, 0)
-        image = cv2.copyMakeBorder(np.ascontiguousarray(image), 0, ph, 0, pw, cv2.BORDER_CONSTANT,
+    scale = rng.uniform(*scale_range)
+    sh, sw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))  # the scaled size
+    y, x = int(rng.integers(0, max(sh, ch) - ch + 1)), int(rng.integers(0, max(sw, cw) - cw + 1))
+    vh, vw = min(ch, sh - y), min(cw, sw - x)  # the crop's part inside the scaled pair
+    # Scaled pixel (i, j) as cv2.resize maps it to the source, with fx = 1 / (sw / w) as resize
+    # computes it: bilinear at ((j + 0.5) * fx - 0.5, (i + 0.5) * fy - 0.5) with edge pixels
+    # replicated; nearest at (floor(j * fx), floor(i * fy)) clamped to the last pixel.
+    fx, fy = 1.0 / (sw / w), 1.0 / (sh / h)
+    to_source = np.array([[fx, 0.0, (x + 0.5) * fx - 0.5], [0.0, fy, (y + 0.5) * fy - 0.5]])
+    image = cv2.warpAffine(image, to_source, (vw, vh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REPLICATE)
+    rows = np.minimum(np.floor(np.arange(y, y + vh) * fy).astype(np.intp), h - 1)
+    cols = np.minimum(np.floor(np.arange(x, x + vw) * fx).astype(np.intp), w - 1)
+    label = label.take(rows, axis=0).take(cols, axis=1)
+    if vh < ch or vw < cw:
+        image = cv2.copyMakeBorder(image, 0, ch - vh, 0, cw - vw, cv2.BORDER_CONSTANT,
                                    value=[float(v) for v in mean])
-        label = cv2.copyMakeBorder(np.ascontiguousarray(label), 0, ph, 0, pw, cv2.BORDER_CONSTANT,
-                                   value=ignore_index)
-        h, w = label.shape
-    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+        label = cv2.copyMakeBorder(label, 0, ch - vh, 0, cw - vw, cv2.BORDER_CONSTANT, value=ignore_index)
+    return image, label
 
 
 def photometric_distortion(image, rng):
