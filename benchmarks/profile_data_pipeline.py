@@ -1,7 +1,9 @@
 """Where one DataLoader worker's time per training sample goes, before and after the transform's
 fixes (docs/performance.md's data pipeline table): the samples of benchmarks/test_data_pipeline.py
-read through the real data set, each under cProfile, `before` and `current` alternating sample by
-sample so that load from other processes falls on both alike; OpenCV on one thread, as in a worker.
+read through the real data set under cProfile, `before` and `current` alternating pass by pass (a
+pass: the 16 samples) so that load from other processes falls on both alike; OpenCV serial, as in
+a worker. Not sample by sample: there each sample ran in the memory the other had just freed,
+and the same decode measured 7% slower in `current` than in `before`.
 
     python benchmarks/profile_data_pipeline.py [passes]   # passes over the 16 samples (default 3)
 
@@ -55,11 +57,11 @@ def main(passes: int) -> None:
         for data in impls.values():  # warm-up
             data[ITEMS[0]]
         for _ in range(passes):
-            for item in ITEMS:
-                for name, data in impls.items():
-                    profiles[name].enable()
+            for name, data in impls.items():
+                profiles[name].enable()
+                for item in ITEMS:
                     data[item]
-                    profiles[name].disable()
+                profiles[name].disable()
         n = passes * len(ITEMS)
         print(f"\n{files}; {n} samples each, ms per sample")
         print(f"  {'stage':<22} {'before':>8} {'current':>8}")
