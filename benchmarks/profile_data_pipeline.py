@@ -39,7 +39,8 @@ STAGES = {
 
 
 def _cumulative(profile: cProfile.Profile) -> dict[str, float]:
-    """Function name (a built-in's last word: "flip" for cv2.flip, "<flip>" to cProfile) -> cumulative seconds."""
+    """Function name -> cumulative seconds (a built-in's last word: "flip" for cv2.flip, which
+    cProfile calls "<flip>")."""
     out: dict[str, float] = {}
     for (_, _, name), (_, _, _, cumulative, _) in pstats.Stats(profile).stats.items():
         key = name.strip("<>").split(".")[-1].split(" ")[-1]
@@ -76,7 +77,8 @@ def main(passes: int) -> None:
         for stage, seconds in rows.items():
             print(f"  {stage:<22} {seconds[0] / n * 1e3:8.2f} {seconds[1] / n * 1e3:8.2f}")
         rates = [n / seconds for seconds in rows["sample"]]
-        print(f"  images/s per worker   {rates[0]:8.1f} {rates[1]:8.1f}   current / before: {rates[1] / rates[0]:.2f}x")
+        print(f"  images/s per worker   {rates[0]:8.1f} {rates[1]:8.1f}   "
+              f"current / before: {rates[1] / rates[0]:.2f}x")
         print(f"  one GPU step of {crops} crops is fed by 1 worker if >= {crops / rates[1] * 1e3:.0f} ms, "
               f"by the config's {workers} if >= {crops / rates[1] / workers * 1e3:.0f} ms (current)")
 

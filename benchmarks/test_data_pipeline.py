@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROUNDS, note, run
+from conftest import note, run
 
 from protoseg.config import load_config
 from protoseg.data.datasets import split_layout
@@ -63,7 +63,7 @@ def _scaled(n: int) -> int:
     return max(1, round(n * SCALE))
 
 
-def _scene(h: int, w: int, values: int, ignore: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _scene(h: int, w: int, values: int, ignore: int, rng: np.random.Generator):
     """(image [h, w, 3] uint8, label [h, w] uint8 in [0, values), 1 block in 20 `ignore`)."""
     colours = rng.uniform(0, 255, (h // 64 + 2, w // 64 + 2, 3)).astype(np.float32)
     image = cv2.resize(colours, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 3, (h, w, 3))
@@ -90,7 +90,8 @@ def _write(dataset: str, root: str) -> str:
         cv2.imwrite(paths[1], label)
         sizes.append([os.path.getsize(p) / 1e3 for p in paths])
     image_kb, label_kb = np.mean(sizes, axis=0)
-    return f"{dataset}: {IMAGES} synthetic {w}x{h} {ext} images of {image_kb:.0f} KB, labels {label_kb:.0f} KB"
+    return (f"{dataset}: {IMAGES} synthetic {w}x{h} {ext} images of {image_kb:.0f} KB, "
+            f"labels {label_kb:.0f} KB")
 
 
 def make_pipeline(dataset: str, root: str):
@@ -172,7 +173,8 @@ def _normalize_before(image, mean, std, bgr):
 
 
 def _to_tensors_before(image, label, mean, std, bgr):
-    return _normalize_before(image, mean, std, bgr), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    label = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    return _normalize_before(image, mean, std, bgr), label
 
 
 def before_pipeline(dataset):
@@ -215,8 +217,9 @@ def _without_photometric(dataset):
 
 def _per_worker(group: str, name: str, seconds: float, crops: int, workers: int) -> None:
     rate = SAMPLES / seconds
+    shortest = crops / rate * 1e3  # ms of one worker per step
     note(f"{group} {name}: {rate:.1f} images/s per worker; a GPU step of {crops} crops is fed by 1 worker "
-         f"if it takes >= {crops / rate * 1e3:.0f} ms, by {workers} if >= {crops / rate / workers * 1e3:.0f} ms")
+         f"if it takes >= {shortest:.0f} ms, by {workers} if >= {shortest / workers:.0f} ms")
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))

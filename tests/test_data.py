@@ -9,7 +9,8 @@ import torch
 from protoseg.data import digitscenes
 from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
 from protoseg.data.loader import TrainSampler, _worker_init, collate
-from protoseg.data.transforms import EvalTransform, TrainTransform, normalize_image, random_scale_crop, wrap_hue
+from protoseg.data.transforms import (EvalTransform, TrainTransform, normalize_image, random_scale_crop,
+                                      wrap_hue)
 
 MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
 
@@ -152,8 +153,8 @@ def test_train_transform_shapes_and_ignore_padding():
     assert image.shape == (3, 24, 40) and image.dtype == torch.float32
     assert label.shape == (24, 40) and label.dtype == torch.int64
     assert set(label.unique().tolist()) <= {1, 255}
-    image, label = random_scale_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (1.0, 1.0), (4, 4),
-                                     MEAN, 255, rng)
+    image, label = random_scale_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (1.0, 1.0),
+                                     (4, 4), MEAN, 255, rng)
     assert (label == 255).sum() == 12 and np.allclose(image[3, 3], MEAN)
 
 
@@ -195,9 +196,10 @@ def test_random_scale_crop_is_resize_then_crop(label_dtype, ignore):
 
 def test_wrap_hue_gives_the_floats_of_remainder():
     rng = np.random.default_rng(0)
-    edges = [np.nextafter(np.float32(v), np.float32(d)) for v in (-360, -36, 0, 360, 396, 720) for d in (-1e9, 1e9)]
+    edges = [np.nextafter(np.float32(v), np.float32(d))
+             for v in (-360, -36, 0, 360, 396, 720) for d in (-1e9, 1e9)]
     hue = np.concatenate([np.float32([-359.5, 0, 359.99997, 360, 719.5]), np.float32(edges[1:-1]),
-                          -np.logspace(-45, 2.5, 2000, dtype=np.float32),  # tiny negatives: + 360 rounds to 360
+                          -np.logspace(-45, 2.5, 2000, dtype=np.float32),  # tiny negatives: + 360 gives 360
                           360 + np.logspace(-5, 2.5, 2000, dtype=np.float32),
                           rng.uniform(-360, 720, 100_000).astype(np.float32)])
     wrapped = hue.copy()
@@ -209,7 +211,8 @@ def test_wrap_hue_gives_the_floats_of_remainder():
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_normalize_image_is_the_formula_to_the_bit(bgr, dtype):
     rgb = (np.random.default_rng(0).random((7, 9, 3)) * 255).astype(dtype)[:, ::-1]  # any strides
-    expected = ((torch.from_numpy(rgb.copy()).float() - torch.from_numpy(MEAN)) / torch.from_numpy(STD)).permute(2, 0, 1)
+    expected = (torch.from_numpy(rgb.copy()).float() - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+    expected = expected.permute(2, 0, 1)
     image = normalize_image(rgb, MEAN, STD, bgr)
     assert image.is_contiguous() and torch.equal(image, expected.flip(0) if bgr else expected)
 
@@ -242,7 +245,7 @@ class _OpenCVThreads(torch.utils.data.Dataset):
 
 
 def _worker_init_or_die(worker_id):
-    signal.alarm(30)  # a worker hung in _worker_init dies (and the loader raises) instead of outliving the test
+    signal.alarm(30)  # a worker hung in _worker_init dies (the loader raises) rather than outlive the test
     _worker_init(worker_id)
     signal.alarm(0)
 
