@@ -241,8 +241,8 @@ def test_data_pipeline(benchmark, pipelines, dataset, impl):
 @pytest.mark.parametrize("threads", ["1 thread", "default pool"])
 def test_data_pipeline_opencv_threads(benchmark, pipelines, threads):
     data = pipelines["cityscapes"][0]
-    expected = samples(data)
     if threads == "default pool":
+        serial = samples(data)
         cv2.setNumThreads(-1)
-        _check(samples(data), expected)  # OpenCV's results do not depend on its threads
+        _check(samples(data), serial)  # OpenCV's results do not depend on its threads
     run(benchmark, "data pipeline: OpenCV threads", threads, lambda: samples(data), baseline="1 thread")
