@@ -56,7 +56,7 @@ test: build
 	# The slowest tests are listed at the end, so a CI log shows where its minutes went.
 	$(PY) -m pytest -q -n auto --dist worksteal tests --durations=25
 	# The benchmarks at toy sizes: they still check agreement and must keep running.
-	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 PROTOSEG_BENCH_CAMVID=2,64 \
+	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 PROTOSEG_BENCH_CAMVID=2,64 PROTOSEG_BENCH_PIPELINE_SCALE=0.125 \
 		PROTOSEG_BENCH_STEP=1,64 PROTOSEG_BENCH_STEP_CONFIGS=ade20k_full_hrnet48 PROTOSEG_BENCH_STEP_SETTINGS=bf16-cl \
 		PROTOSEG_BENCH_STEP_OVERRIDES=model.backbone=hrnet_w18_small $(PY) -m pytest -q benchmarks
 

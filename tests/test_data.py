@@ -1,4 +1,5 @@
 import os
+import signal
 
 import cv2
 import numpy as np
@@ -7,8 +8,9 @@ import torch
 
 from protoseg.data import digitscenes
 from protoseg.data.datasets import SampleError, SegmentationDataset, dataset_pairs, folder_pairs
-from protoseg.data.loader import TrainSampler, collate
-from protoseg.data.transforms import EvalTransform, TrainTransform, random_crop
+from protoseg.data.loader import TrainSampler, _worker_init, collate
+from protoseg.data.transforms import (EvalTransform, TrainTransform, normalize_image, random_scale_crop,
+                                      wrap_hue)
 
 MEAN, STD = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 60.0, 60.0], np.float32)
 
@@ -151,8 +153,68 @@ def test_train_transform_shapes_and_ignore_padding():
     assert image.shape == (3, 24, 40) and image.dtype == torch.float32
     assert label.shape == (24, 40) and label.dtype == torch.int64
     assert set(label.unique().tolist()) <= {1, 255}
-    image, label = random_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (4, 4), MEAN, 255, rng)
+    image, label = random_scale_crop(np.zeros((2, 2, 3), np.float32), np.ones((2, 2), np.uint8), (1.0, 1.0),
+                                     (4, 4), MEAN, 255, rng)
     assert (label == 255).sum() == 12 and np.allclose(image[3, 3], MEAN)
+
+
+def _resize_then_crop(image, label, scale_range, crop_size, mean, ignore_index, rng):
+    """random_scale_crop's spec: the whole pair resized, padded, then cropped."""
+    scale = rng.uniform(*scale_range)
+    h, w = label.shape
+    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    ch, cw = crop_size
+    ph, pw = max(ch - size[1], 0), max(cw - size[0], 0)
+    image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=[float(v) for v in mean])
+    label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore_index)
+    y, x = int(rng.integers(0, label.shape[0] - ch + 1)), int(rng.integers(0, label.shape[1] - cw + 1))
+    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+@pytest.mark.parametrize("label_dtype,ignore", [(np.uint8, 255), (np.int32, 65535)])
+def test_random_scale_crop_is_resize_then_crop(label_dtype, ignore):
+    # Pure noise, the worst case for the image: its values jump by up to 255 between pixels.
+    rng = np.random.default_rng(0)
+    differing = []
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        crop = tuple(int(v) for v in rng.integers(1, 200, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 1000, (h, w)).astype(label_dtype)
+        scales, seed = (0.25, 3.0), int(rng.integers(1 << 31))
+        got = random_scale_crop(image, label, scales, crop, MEAN, ignore, np.random.default_rng(seed))
+        expected = _resize_then_crop(image, label, scales, crop, MEAN, ignore, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got[1], expected[1], strict=True)  # labels to the bit
+        assert got[0].shape == expected[0].shape and got[0].dtype == np.uint8
+        difference = np.abs(got[0].astype(int) - expected[0])
+        assert difference.max() <= 1  # image within 1 of 255
+        differing.append(difference.mean())
+    assert np.mean(differing) < 0.2  # the pixels one apart are a minority
+
+
+def test_wrap_hue_gives_the_floats_of_remainder():
+    rng = np.random.default_rng(0)
+    edges = [np.nextafter(np.float32(v), np.float32(d))
+             for v in (-360, -36, 0, 360, 396, 720) for d in (-1e9, 1e9)]
+    hue = np.concatenate([np.float32([-359.5, 0, 359.99997, 360, 719.5]), np.float32(edges[1:-1]),
+                          -np.logspace(-45, 2.5, 2000, dtype=np.float32),  # tiny negatives: + 360 gives 360
+                          360 + np.logspace(-5, 2.5, 2000, dtype=np.float32),
+                          rng.uniform(-360, 720, 100_000).astype(np.float32)])
+    wrapped = hue.copy()
+    wrap_hue(wrapped)
+    np.testing.assert_array_equal(wrapped.view(np.uint32), np.remainder(hue, 360).view(np.uint32))
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_normalize_image_is_the_formula_to_the_bit(bgr, dtype):
+    rgb = (np.random.default_rng(0).random((7, 9, 3)) * 255).astype(dtype)[:, ::-1]  # any strides
+    expected = (torch.from_numpy(rgb.copy()).float() - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+    expected = expected.permute(2, 0, 1)
+    image = normalize_image(rgb, MEAN, STD, bgr)
+    assert image.is_contiguous() and torch.equal(image, expected.flip(0) if bgr else expected)
 
 
 def test_train_sampler_resumes_and_shards_global_batches():
@@ -170,6 +232,37 @@ def test_train_sampler_resumes_and_shards_global_batches():
         assert r0[2 * j:2 * j + 2] + r1[2 * j:2 * j + 2] == full[4 * j:4 * j + 4]
     with pytest.raises(ValueError, match="divisible"):
         TrainSampler(10, 3, seed=0, rank=0, world_size=2)
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        threads = len(os.listdir("/proc/self/task"))
+        cv2.resize(np.zeros((256, 256, 3), np.uint8), (512, 512))  # starts OpenCV's pool if it has one
+        return cv2.getNumThreads(), len(os.listdir("/proc/self/task")) - threads
+
+
+def _worker_init_or_die(worker_id):
+    signal.alarm(30)  # a worker hung in _worker_init dies (the loader raises) rather than outlive the test
+    _worker_init(worker_id)
+    signal.alarm(0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_loader_workers_run_opencv_on_one_thread():
+    # This process starts OpenCV's pool first, as a trainer's may (generating DigitScenes): the
+    # workers fork with its state but not its threads, and must not stop them (a worker calling
+    # cv2.setNumThreads(1) waits forever to join them).
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((256, 256, 3), np.uint8), (512, 512))
+    try:
+        loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=1,
+                                             worker_init_fn=_worker_init_or_die)
+        assert list(loader) == [[1, 0]]  # one OpenCV thread, and resizing started no other
+    finally:
+        cv2.setNumThreads(-1)  # OpenCV's default
 
 
 @pytest.mark.parametrize("dataset,image,label", [

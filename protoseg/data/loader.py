@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import cv2
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -53,6 +54,13 @@ def _worker_init(worker_id: int) -> None:
     # by a signal sent to the whole process group would abort the run instead.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One OpenCV thread per worker, as DataLoader already sets torch's: the workers are the
+    # parallelism. OpenCV's default is a pool of one thread per core in every worker (resize and
+    # cvtColor use it), num_workers x cores threads contending with the training process.
+    # 0, not 1: 1 stops the pool's threads, and where this process forked from one whose pool
+    # had started, it waits forever to join threads it does not have (OpenCV's pthreads
+    # backend); 0 runs everything serially without touching the pool.
+    cv2.setNumThreads(0)
 
 
 def collate(items):
