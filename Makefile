@@ -50,11 +50,12 @@ $(PTH): $(STAMP)
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "protoseg.pth").write_text("$(CURDIR)\n")'
 	touch $(PTH)
 
-# The tests run in one process per core (pytest-xdist), each taking the next test as it finishes
-# one: the compiles, builds and subprocesses of the slow tests leave cores idle that others use.
+# The test files run in two processes of one thread each (pytest-xdist; a file's tests stay in
+# order in one process): the compiles, builds and subprocesses of the slow tests leave a core
+# idle that the other process uses.
 test: build
 	# The slowest tests are listed at the end, so a CI log shows where its minutes went.
-	$(PY) -m pytest -q -n auto --dist worksteal tests --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests --durations=25
 	# The benchmarks at toy sizes: they still check agreement and must keep running.
 	PROTOSEG_BENCH_N=1024 PROTOSEG_BENCH_K=19,150 PROTOSEG_BENCH_ROUNDS=1 PROTOSEG_BENCH_CAMVID=2,64 PROTOSEG_BENCH_PIPELINE_SCALE=0.125 \
 		PROTOSEG_BENCH_STEP=1,64 PROTOSEG_BENCH_STEP_CONFIGS=ade20k_full_hrnet48 PROTOSEG_BENCH_STEP_SETTINGS=bf16-cl \

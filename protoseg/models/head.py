@@ -45,16 +45,20 @@ class ProjectionHead(nn.Module):
         self.kind = kind
 
     def forward(self, x: Tensor) -> Tensor:
-        with float32(x):
-            x = self.mlp(x.float())
+        leave, x = float32(x)
+        with leave:
+            x = self.mlp(x)
         return F.normalize(x, p=2, dim=-1) if self.kind == "released" else x
 
 
-def float32(x: Tensor):
-    """Autocast off where it is on (see the module docstring); nothing otherwise, so that a
-    float32 model exports as it traces."""
+def float32(x: Tensor) -> tuple[contextlib.AbstractContextManager, Tensor]:
+    """(context, x) for the head's computation. Where autocast is on (see the module docstring):
+    autocast off, and x in float32 if it came in half precision. Otherwise nothing, and x as it
+    is: a float32 model exports as it traces, a float64 or bf16 model computes in its dtype."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext(), x
+    return torch.autocast(device, enabled=False), x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def to_pixels(x: Tensor) -> Tensor:
@@ -78,8 +82,9 @@ def classify(classifier: PrototypeClassifier, e: Tensor) -> dict[str, Tensor]:
     "embedding" the unit pixel embeddings (C = D), "similarity" each class's best cosine (C = K),
     "nearest" int64 the index of that class's nearest prototype (C = K), "logits" (C = K)."""
     b, _, h, w = e.shape
-    with float32(e):
-        x_hat, similarity, nearest = classifier.similarity(to_pixels(e.float()))
+    leave, e = float32(e)
+    with leave:
+        x_hat, similarity, nearest = classifier.similarity(to_pixels(e))
         logits = classifier.mask_norm(similarity)
     return {name: to_maps(t, b, h, w) for name, t in
             (("embedding", x_hat), ("similarity", similarity), ("nearest", nearest), ("logits", logits))}
@@ -91,8 +96,9 @@ def train_classifier(classifier: PrototypeClassifier, e: Tensor, labels: Tensor)
     prototypes are updated in place."""
     b, _, h, w = e.shape
     target = downsample_labels(labels, (h, w))
-    with float32(e):
-        scores, ppc, ppd = classifier(to_pixels(e.float()), target.view(-1))
+    leave, e = float32(e)
+    with leave:
+        scores, ppc, ppd = classifier(to_pixels(e), target.view(-1))
     return to_maps(scores, b, h, w), ppc, ppd
 
 
