@@ -33,6 +33,18 @@ train:
 """
 
 
+# The files that take minutes run first: make test runs the files in two processes
+# (pytest-xdist --dist loadfile), which otherwise end with one process running the last long
+# file alone. A stable sort: each file's tests keep their order.
+LONG_FILES = ("test_tools.py", "test_engine.py", "test_cmake_build.py", "test_emulated.py", "test_compile.py",
+              "test_emulated_tsan.py", "test_export.py", "test_visualize.py", "test_camvid.py", "test_released.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONG_FILES)))
+
+
 # train.compile on the tiny config: a small ResNet with the FCN head in place of HRNet, whose
 # graph compiles in tens of seconds rather than minutes on 2 cores.
 COMPILED = ["train.compile=true", "model.backbone=resnet10t", "model.decoder=fcn"]
