@@ -129,8 +129,15 @@ def test_config_errors_exit_2_naming_the_key(tiny_config):
     assert "unknown key(s) train.learning_rate" in result.stderr
 
 
+# Two ranks compiling cold take 80 s of make test's 15 minutes on 2 cores: run with
+# PROTOSEG_TEST_DDP_COMPILE=1 (it passed at commit 501b7a2, replicas identical at both saves).
+DDP_COMPILE = pytest.mark.skipif(not os.environ.get("PROTOSEG_TEST_DDP_COMPILE"),
+                                 reason="set PROTOSEG_TEST_DDP_COMPILE=1: two ranks compiling take minutes")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, overrides", [(2, []), (1, []), (2, BF16_CHANNELS_LAST), (2, COMPILED)],
+@pytest.mark.parametrize("ranks, overrides", [(2, []), (1, []), (2, BF16_CHANNELS_LAST),
+                                               pytest.param(2, COMPILED, marks=DDP_COMPILE)],
                          ids=["2", "1", "2-bf16-cl", "2-compiled"])
 def test_gloo_run_keeps_replicas_identical(tiny_config, tmp_path, ranks, overrides):
     """torchrun with 2 processes, and with 1, which joins a process group too (the collectives
