@@ -130,7 +130,7 @@ def test_config_errors_exit_2_naming_the_key(tiny_config):
 
 
 # Two ranks compiling cold take 80 s of make test's 15 minutes on 2 cores: run with
-# PROTOSEG_TEST_DDP_COMPILE=1 (it passed at commit 501b7a2, replicas identical at both saves).
+# PROTOSEG_TEST_DDP_COMPILE=1 (it passed in make test at commit 455fc2e).
 DDP_COMPILE = pytest.mark.skipif(not os.environ.get("PROTOSEG_TEST_DDP_COMPILE"),
                                  reason="set PROTOSEG_TEST_DDP_COMPILE=1: two ranks compiling take minutes")
 
