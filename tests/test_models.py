@@ -379,17 +379,18 @@ def test_mit_b0_computes_segformer_mix_transformer_in_float64():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_of_channels_last_logits_is_that_of_their_nchw_copy(weighted):
-    # the prototype classifier's logits are a channels-last view; the loss takes their rows
+@pytest.mark.parametrize("k", [7, 19])  # below and above the 16 classes where the loss takes the rows
+def test_cross_entropy_of_channels_last_logits_is_that_of_their_nchw_copy(weighted, k):
+    # the prototype classifier's logits are a channels-last view
     from protoseg.models.segmentor import cross_entropy
 
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(2 * 5 * 6, 7, generator=g, dtype=torch.float64)
-    logits = rows.view(2, 5, 6, 7).permute(0, 3, 1, 2).requires_grad_()
+    rows = torch.randn(2 * 5 * 6, k, generator=g, dtype=torch.float64)
+    logits = rows.view(2, 5, 6, k).permute(0, 3, 1, 2).requires_grad_()
     assert logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
-    labels = torch.randint(0, 7, (2, 5, 6), generator=g)
+    labels = torch.randint(0, k, (2, 5, 6), generator=g)
     labels[0, :2] = 255
-    kwargs = {"ignore_index": 255, "weight": torch.rand(7, generator=g, dtype=torch.float64) if weighted else None}
+    kwargs = {"ignore_index": 255, "weight": torch.rand(k, generator=g, dtype=torch.float64) if weighted else None}
     nchw = logits.detach().contiguous().requires_grad_()
     loss, expected = cross_entropy(logits, labels, **kwargs), torch.nn.functional.cross_entropy(nchw, labels, **kwargs)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)

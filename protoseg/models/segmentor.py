@@ -82,8 +82,11 @@ def cross_entropy(logits: Tensor, labels: Tensor, **kwargs) -> Tensor:
     """F.cross_entropy over the classes of logits [B, K, H, W]. Channels-last logits (the
     prototype classifier's, and any model's under train.channels_last) are taken as their rows
     [B*H*W, K], the same loss: ATen's log_softmax would first copy them to NCHW, which at K = 847
-    is a pass over hundreds of MB."""
-    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+    is a pass over hundreds of MB. Not below 16 classes: ATen's softmax over a last dimension
+    narrower than one AVX-512 vector runs 8-10x slower than the copy and the NCHW kernel
+    (docs/performance.md#the-demo-end-to-end)."""
+    if (logits.dim() == 4 and logits.shape[1] >= 16 and not logits.is_contiguous()
+            and logits.is_contiguous(memory_format=torch.channels_last)):
         return F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1), **kwargs)
     return F.cross_entropy(logits, labels, **kwargs)
 
