@@ -160,7 +160,8 @@ class ConfigError(ValueError):
 
 
 # Keys whose value is one of a few names, checked when the config is read.
-CHOICES = {"model.hrnet_fuse": ("bilinear", "nearest"), "data.channel_order": ("rgb", "bgr")}
+CHOICES = {"model.hrnet_fuse": ("bilinear", "nearest"), "data.channel_order": ("rgb", "bgr"),
+           "train.amp": ("none", "bf16", "fp16"), "train.optimizer_impl": ("fused", "foreach", "loop")}
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:

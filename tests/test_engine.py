@@ -304,6 +304,17 @@ def test_optimizers_and_backbone_lr_multiplier():
         build_optimizer(cfg, build_model(cfg))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer_impl=apex", "train.optimizer_impl must be one of fused, foreach, loop .got 'apex'"),
+    ("train.amp=fp8", "train.amp must be one of none, bf16, fp16 .got 'fp8'"),
+])
+def test_a_trainer_option_outside_its_choices_is_refused_when_the_config_is_read(tiny_config, override, message):
+    # not at the first step, after the run folder and the data were made: tools/train.py prints a
+    # ConfigError as one line
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_config(), [override])
+
+
 @pytest.mark.slow
 def test_bf16_autocast_trains(tiny_config, monkeypatch):
     # The backbone's convolutions run in bf16 during the training steps (recorded by a hook on
