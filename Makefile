@@ -67,7 +67,7 @@ test-cuda: build
 	$(PY) -m pytest -q tests/test_cuda_build.py tests/test_emulated.py tests/test_emulated_tsan.py tests/test_cuda.py
 
 # The demo runs with OpenMP's default wait policy: alone on the machine, its spinning threads
-# train 1.4x faster than sleeping ones (docs/performance.md#the-demo-end-to-end). The targets
+# train faster than sleeping ones (docs/performance.md#the-demo-end-to-end). The targets
 # below sleep instead (OMP_WAIT_POLICY=PASSIVE): on 2 cores shared with anything else, spinning
 # threads make each training step several times slower.
 demo: build

@@ -8,8 +8,8 @@ applied to maps: Segmentor (segmentor.py) and PrototypeHead both call them.
 
 Under autocast (train.amp) the projection and the classifier still compute in float32: the
 cosines are divided by the temperature (0.1), which magnifies bf16's rounding tenfold. With
-them in bf16 too, the DigitScenes demo lost 1.2 and 1.4 points of val mIoU (two seeds) against
-float32; with them in float32 it lost none (docs/performance.md#the-demo-end-to-end).
+them in bf16 too, the DigitScenes demo lost val mIoU against float32; with them in float32 it
+lost none (docs/performance.md#the-demo-end-to-end).
 """
 
 from __future__ import annotations
