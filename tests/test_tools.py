@@ -45,11 +45,11 @@ def test_train_then_test_writes_everything(tiny_config, tmp_path):
     assert all(len(r["prototypes"]["classes"]) == 11 for r in evaluated)
     assert "prototypes: usage entropy" in result.stdout
 
-    # a folder given by overrides, with colourised predictions
+    # a folder given by overrides (after an option: they may come anywhere), with colourised predictions
     data = tmp_path / "data"
     result = _run(tool_command("test.py", config, str(run / "checkpoint_last.pth"),
-                               f"data.val_images={data}/images/val", f"data.val_labels={data}/labels/val",
-                               "--save-pred", str(tmp_path / "pred")))
+                               "--save-pred", str(tmp_path / "pred"),
+                               f"data.val_images={data}/images/val", f"data.val_labels={data}/labels/val"))
     assert result.returncode == 0, result.stderr
     assert "mIoU" in result.stdout
     assert sorted(os.listdir(tmp_path / "pred")) == [f"{i:06d}.png" for i in range(4)]
@@ -103,7 +103,7 @@ def test_infer_reports_bad_inputs_by_name_and_writes_the_rest(tiny_checkpoint, t
     cv2.imwrite(str(inputs / "nested" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     result = _run(tool_command("infer.py", checkpoint, str(inputs), "--out", str(tmp_path / "out2")))
     assert result.returncode == 2 and "both be written as a.png" in result.stderr
-    result = _run(tool_command("infer.py", checkpoint, str(inputs), "model.proj_dim=8", "--out", str(out)))
+    result = _run(tool_command("infer.py", checkpoint, "--out", str(out), str(inputs), "model.proj_dim=8"))
     assert result.returncode == 2 and "only test.key=value" in result.stderr
 
 
@@ -124,7 +124,7 @@ def test_format_only_writes_class_ids_of_a_split_without_labels(tiny_checkpoint,
 
 
 def test_config_errors_exit_2_naming_the_key(tiny_config):
-    result = _run(tool_command("train.py", tiny_config(), "train.learning_rate=1"))
+    result = _run(tool_command("train.py", tiny_config(), "--stop-after", "1", "train.learning_rate=1"))
     assert result.returncode == 2
     assert "unknown key(s) train.learning_rate" in result.stderr
 

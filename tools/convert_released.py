@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--config", required=True, help="the protoseg config for data and test settings")
     parser.add_argument("--out", required=True, help="the protoseg checkpoint to write")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to CONFIG first")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         print(f"error: --out {args.out}: the folder {out_dir} does not exist", file=sys.stderr)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--open-set", action="store_true", help="also output the open-set score")
     parser.add_argument("--device", default="cpu", help="export on this device (default cpu)")
     parser.add_argument("--verify", action="store_true", help="compare the export with the eager model on val")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         export_checkpoint(args.checkpoint, args.format, args.out, open_set=args.open_set, device=args.device,
                           overrides=args.overrides)

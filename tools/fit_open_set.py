@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--out", default="", help="the fit's file (default: <checkpoint>.vmf.pt)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     try:
         state, cfg = load_run(args.checkpoint, "", args.overrides)
     except ValueError as e:  # the checkpoint or its config, in one line

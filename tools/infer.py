@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns; "
                         "and test.key=value overrides")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the PNGs go")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     overrides = [item for item in args.inputs if "=" in item and not os.path.exists(item)]
     inputs = [item for item in args.inputs if item not in overrides]
     test_options = {}

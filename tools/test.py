@@ -67,7 +67,7 @@ def parse_args():
                         help="also evaluate open-set scores (default: all) on pixels labelled data.unknown_index")
     parser.add_argument("--fit", default="", metavar="FILE",
                         help="the vmf score's fit (default: <checkpoint>.vmf.pt beside the checkpoint)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     first, rest = args.paths[0], args.paths[1:]
     if first.endswith((".yaml", ".yml")):
         if not rest or "=" in rest[0]:

@@ -31,7 +31,7 @@ def main() -> int:
                         help="continue from PATH, or without PATH from the run's newest readable checkpoint")
     parser.add_argument("--stop-after", type=int, default=0, metavar="N",
                         help="stop with a checkpoint after iteration N (the schedule still spans all)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

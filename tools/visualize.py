@@ -48,7 +48,7 @@ def parse_args():
     parser.add_argument("--scan", type=int, default=64, metavar="S",
                         help="the first S val images are sampled for the embedding figure")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     for name in ("images", "points", "scan"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
