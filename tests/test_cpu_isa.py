@@ -42,12 +42,14 @@ def test_kernels_follow_atens_capability():
 
 @pytest.mark.slow
 def test_lower_paths_pass_the_op_tests():
-    """The forward and backward op tests against the reference, on each forced lower path (the
-    widest path runs them in tests/test_ops.py itself). The two paths run side by side, one
+    """The forward and backward op tests against the reference, on each forced path below this
+    CPU's widest (which runs them in tests/test_ops.py itself). The paths run side by side, one
     thread each: they are independent processes."""
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    capabilities = [c for c in ("avx2", "default") if _run(c, probe) == c.upper()]
-    assert "default" in capabilities  # every CPU can be forced down to the baseline
+    lower = [c for c in ("avx2", "default") if c.upper() != torch.backends.cpu.get_cpu_capability()]
+    capabilities = [c for c in lower if _run(c, probe) == c.upper()]
+    if not capabilities:
+        pytest.skip("the baseline is this CPU's widest path: tests/test_ops.py runs it")
     selection = "test_proto_train or test_proto_similarity or layer_norm or thread"
     runs = {c: subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_ops.py"),
