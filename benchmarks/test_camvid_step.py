@@ -29,10 +29,10 @@ BATCH, CROP = (int(v) for v in os.environ.get("PROTOSEG_BENCH_CAMVID", "8,320").
 def _model(classifier="softmax", decoder="lite", channels_last=True):
     name = "protoseg" if classifier == "prototype" else "softmax"
     cfg = load_config(os.path.join(ROOT, "configs", f"camvid_effl0_{name}.yaml"),
-                      ["model.backbone_checkpoint=''", f"model.decoder={decoder}"])
+                      ["model.backbone_checkpoint=''", f"model.decoder={decoder}",
+                       f"train.channels_last={channels_last}"])
     torch.manual_seed(0)
-    model = build_model(cfg).train()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return build_model(cfg).train()
 
 
 def _batch():

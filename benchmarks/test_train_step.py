@@ -75,8 +75,6 @@ class Step:
         device = torch.device(DEVICE)
         torch.manual_seed(0)
         self.model = build_model(cfg).to(device).train()
-        if cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
         self.forward = build_forward(self.model, cfg, device)
         g = torch.Generator().manual_seed(1)

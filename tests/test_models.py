@@ -396,3 +396,14 @@ def test_cross_entropy_of_channels_last_logits_is_that_of_their_nchw_copy(weight
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     loss.backward(), expected.backward()
     torch.testing.assert_close(logits.grad, nchw.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_build_model_gives_the_layout_of_train_channels_last(channels_last):
+    # the trainer, the evaluator, Predictor and the benchmarks all build through build_model
+    cfg = Config()
+    cfg.model.backbone, cfg.model.decoder, cfg.model.pretrained = "resnet18", "fcn", False
+    cfg.train.channels_last = channels_last
+    convs = [m.weight for m in build_model(cfg).modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convs)

@@ -158,8 +158,6 @@ def build_run(cfg: Config, resume: str, log) -> Run:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(t.seed)
     model = build_model(cfg).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     sync_bn = world > 1 and device.type == "cuda" and cfg.model.sync_bn
     if sync_bn:  # SyncBatchNorm needs GPUs; on CPU ranks rank 0's BN statistics are broadcast instead
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -92,6 +92,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, **kwargs) -> Tensor:
 
 
 def build_model(cfg: Config) -> Segmentor:
+    """The segmentor of `cfg`, in the memory format the run trains and predicts in
+    (train.channels_last)."""
     m, d = cfg.model, cfg.data
     backbone = Backbone(m.backbone, pretrained=m.pretrained, checkpoint=m.backbone_checkpoint,
                         output_stride=m.output_stride, img_size=tuple(d.crop_size), hrnet_fuse=m.hrnet_fuse)
@@ -102,9 +104,10 @@ def build_model(cfg: Config) -> Segmentor:
         impl=m.prototype_impl, update_assignment=m.update_assignment,
         sinkhorn_scope=m.sinkhorn_scope, update_scope=m.update_scope,
     )
-    return Segmentor(backbone, decoder, d.num_classes, classifier=m.classifier, proj_dim=m.proj_dim,
-                     projection=m.projection, align_corners=m.align_corners, ignore_index=d.ignore_index,
-                     prototype_kwargs=prototype_kwargs)
+    model = Segmentor(backbone, decoder, d.num_classes, classifier=m.classifier, proj_dim=m.proj_dim,
+                      projection=m.projection, align_corners=m.align_corners, ignore_index=d.ignore_index,
+                      prototype_kwargs=prototype_kwargs)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
 def load_trained_model(cfg: Config, state: dict) -> Segmentor:
@@ -113,8 +116,6 @@ def load_trained_model(cfg: Config, state: dict) -> Segmentor:
     cfg.model.pretrained, cfg.model.backbone_checkpoint = False, ""
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    if cfg.train.channels_last:  # predict in the layout the run was trained and evaluated in
-        model = model.to(memory_format=torch.channels_last)
     return model
 
 
