@@ -110,7 +110,9 @@ class TrainConfig:
     # foreach (one op per step of the update over the parameter list), or loop (per parameter).
     # SGD's three give bitwise the same weights; AdamW's fused one differs in the last bit.
     optimizer_impl: str = "fused"
-    amp: str = "none"  # none, bf16 (CPU and CUDA), or fp16 (with a GradScaler; CUDA only)
+    # none, bf16 (CPU and CUDA), fp16 (with a GradScaler; CUDA only), or auto: bf16 where the
+    # device computes it natively, none elsewhere (protoseg/engine/predict.py, resolve_amp)
+    amp: str = "none"
     # torch.compile (Inductor) of the training forward and loss, the backward derived with them;
     # one graph on one rank, graphs split at DDP's buckets under several (docs/performance.md).
     compile: bool = False
@@ -161,7 +163,8 @@ class ConfigError(ValueError):
 
 # Keys whose value is one of a few names, checked when the config is read.
 CHOICES = {"model.hrnet_fuse": ("bilinear", "nearest"), "data.channel_order": ("rgb", "bgr"),
-           "train.amp": ("none", "bf16", "fp16"), "train.optimizer_impl": ("fused", "foreach", "loop")}
+           "train.amp": ("none", "bf16", "fp16", "auto"),
+           "train.optimizer_impl": ("fused", "foreach", "loop")}
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:

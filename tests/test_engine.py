@@ -11,8 +11,10 @@ from protoseg.engine import checkpoint as ckpt
 from protoseg.engine import trainer as trainer_module
 from protoseg.engine.distributed import check_replicas_identical, state_fingerprints
 from protoseg.engine.evaluator import SegEvaluator, confusion_matrix, metrics_from_confusion
-from protoseg.engine.trainer import NonFiniteLoss, train
+from protoseg.engine.predict import resolve_amp
+from protoseg.engine.trainer import NonFiniteLoss, build_forward, train
 from protoseg.models.backbones import WeightsError
+from protoseg.models.segmentor import build_model
 
 
 # ---------------------------------------------------------------- evaluator
@@ -278,7 +280,6 @@ def test_sigterm_saves_at_the_next_step_boundary(tiny_config, monkeypatch, progr
 def test_optimizers_and_backbone_lr_multiplier():
     from protoseg.config import Config
     from protoseg.engine.trainer import build_optimizer, poly_schedule
-    from protoseg.models.segmentor import build_model
 
     cfg = Config()
     cfg.model.backbone, cfg.model.decoder, cfg.model.classifier = "resnet18", "fcn", "softmax"
@@ -306,7 +307,7 @@ def test_optimizers_and_backbone_lr_multiplier():
 
 @pytest.mark.parametrize("override, message", [
     ("train.optimizer_impl=apex", "train.optimizer_impl must be one of fused, foreach, loop .got 'apex'"),
-    ("train.amp=fp8", "train.amp must be one of none, bf16, fp16 .got 'fp8'"),
+    ("train.amp=fp8", "train.amp must be one of none, bf16, fp16, auto .got 'fp8'"),
 ])
 def test_a_trainer_option_outside_its_choices_is_refused_when_the_config_is_read(tiny_config, override, message):
     # not at the first step, after the run folder and the data were made: tools/train.py prints a
@@ -333,6 +334,23 @@ def test_bf16_autocast_trains(tiny_config, monkeypatch):
     assert [dtype for training, dtype in dtypes if training] == [torch.bfloat16] * 2
     state = torch.load(os.path.join(cfg.run_dir, "checkpoint_last.pth"), weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-emulated"])
+def test_amp_auto_trains_in_bf16_only_where_the_cpu_computes_it_natively(tiny_config, monkeypatch, native):
+    # Emulated bf16 is several times slower than float32 (docs/performance.md#on-a-cpu-without-native-bf16),
+    # so auto must fall back to float32 there; explicit values are kept whatever the CPU.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    resolved = [resolve_amp(amp, cpu) for amp in ("auto", "bf16", "none")]
+    assert resolved == ["bf16" if native else "none", "bf16", "none"]
+    cfg = load_config(tiny_config(), ["train.amp=auto"])
+    model = build_model(cfg).train()
+    dtypes = []
+    model.backbone.body.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, cfg.data.num_classes, (2, 32, 32))
+    build_forward(model, cfg, cpu)(images, labels)
+    assert dtypes == [torch.bfloat16 if native else torch.float32]
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_config, tmp_path):

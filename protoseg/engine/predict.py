@@ -34,12 +34,27 @@ from protoseg.engine.evaluator import SegEvaluator
 from protoseg.engine.outputs import write_panel
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp for `device`, with "auto" resolved: bf16 where the device computes it natively
+    (CUDA GPUs that support it; CPUs where oneDNN has bf16 kernels, AVX-512 or AVX2-VNNI-2), none
+    elsewhere. Without those kernels bf16 is emulated: on an AVX2-only AMD EPYC the demo's step
+    ran 8-10x slower in bf16 than in float32 (docs/performance.md#on-a-cpu-without-native-bf16)."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if native else "none"
+
+
 def autocast(device: torch.device, amp: str):
-    """The autocast context for train.amp ("none", "bf16", "fp16")."""
+    """The autocast context for train.amp ("none", "bf16", "fp16", "auto")."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     if amp not in ("bf16", "fp16"):
-        raise ValueError(f"train.amp must be none, bf16 or fp16 (got {amp!r})")
+        raise ValueError(f"train.amp must be none, bf16, fp16 or auto (got {amp!r})")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

@@ -30,7 +30,7 @@ from protoseg.engine import checkpoint as ckpt
 from protoseg.engine.distributed import (barrier, broadcast_batchnorm_buffers, check_replicas_identical,
                                          init_distributed, is_distributed)
 from protoseg.engine.evaluator import SegEvaluator, format_table, save_results
-from protoseg.engine.predict import autocast, evaluate_model
+from protoseg.engine.predict import autocast, evaluate_model, resolve_amp
 from protoseg.engine.prototypes import format_statistics, summary_scalars, usage_statistics, val_usage
 from protoseg.models.backbones import check_state_dict, count_parameters
 from protoseg.models.segmentor import backbone_parameters, build_model, compute_loss
@@ -201,6 +201,8 @@ def start_loop(run: Run) -> None:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         run.net = DistributedDataParallel(run.model, device_ids=device_ids, broadcast_buffers=False)
     run.forward = build_forward(run.net, cfg, run.device, run.class_weights, distributed=run.world > 1)
+    if t.amp == "auto":
+        run.info(f"train.amp=auto: {resolve_amp(t.amp, run.device)} on this {run.device.type}")
     run.batches = iter(build_train_loader(cfg, run.rank, run.world, run.start_iter))
     run.val_loader = build_val_loader(cfg, run.rank, run.world)
     run.evaluator = SegEvaluator(d.num_classes,
@@ -264,9 +266,10 @@ def build_forward(net: torch.nn.Module, cfg: Config, device: torch.device, class
     DDPOptimizer), so that all-reduces overlap the backward as in eager: fullgraph only on one
     rank."""
     t = cfg.train
+    amp = resolve_amp(t.amp, device)  # outside the compiled function: a CPU feature query
 
     def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        with autocast(device, t.amp):
+        with autocast(device, amp):
             out = net(images, labels)
         return compute_loss(out, labels, ignore_index=cfg.data.ignore_index, class_weights=class_weights,
                             ppc_weight=t.ppc_weight, ppd_weight=t.ppd_weight)
