@@ -36,9 +36,9 @@ from protoseg.engine.outputs import write_panel
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """train.amp for `device`, with "auto" resolved: bf16 where the device computes it natively
-    (CUDA GPUs that support it; CPUs where oneDNN has bf16 kernels, AVX-512 or AVX2-VNNI-2), none
-    elsewhere. Without those kernels bf16 is emulated: on an AVX2-only AMD EPYC the demo's step
-    ran 8-10x slower in bf16 than in float32 (docs/performance.md#on-a-cpu-without-native-bf16)."""
+    (CUDA GPUs that support it; CPUs for which oneDNN reports bf16 support), none elsewhere.
+    Elsewhere bf16 is emulated and several times slower than float32
+    (docs/performance.md#on-a-cpu-without-native-bf16)."""
     if amp != "auto":
         return amp
     if device.type == "cuda":
